@@ -1,0 +1,380 @@
+"""CIFAR-10 loading (torchvision or an ImageFolder copy), summary statistics, augmentations, loaders."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .recipes import Recipe
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DataError(ValueError):
+    """The data folder or one of its files is not what the loader expects."""
+
+
+@dataclass
+class CifarArrays:
+    """The decoded dataset: uint8 NHWC RGB images, int64 labels, class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: str  # where it came from, for run metadata
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False) -> CifarArrays:
+    """Load CIFAR-10 from an ImageFolder copy or torchvision's files (downloading if allowed)."""
+    root = Path(data_dir).expanduser()
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return load_image_folder(root)
+    if (root / "cifar-10-batches-py").is_dir() or download:
+        return _load_torchvision(root, download)
+    if not root.exists():
+        raise DataError(
+            f"data folder {str(root)!r} does not exist and download is off; pass download=True "
+            "(needs internet) or point data_dir at an ImageFolder copy with train/ and test/ "
+            "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
+        )
+    found = sorted(p.name for p in root.iterdir())[:10]
+    raise DataError(
+        f"{str(root)!r} is not a CIFAR-10 folder: expected train/<class>/* and test/<class>/* "
+        f"(ImageFolder layout) or torchvision's cifar-10-batches-py/, found {found or 'nothing'}"
+    )
+
+
+def _load_torchvision(root: Path, download: bool) -> CifarArrays:
+    """Read torchvision's CIFAR10 (its python pickles) into arrays."""
+    from torchvision.datasets import CIFAR10  # deferred: torchvision is slow to import
+
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+        raise DataError(f"torchvision CIFAR10 under {str(root)!r}: {err}") from err
+    return CifarArrays(
+        train.data, np.asarray(train.targets, np.int64), test.data,
+        np.asarray(test.targets, np.int64), tuple(train.classes), f"torchvision:{root}",
+    )
+
+
+def load_image_folder(root: str | os.PathLike) -> CifarArrays:
+    """Read an ImageFolder tree (train/<class>/*, test/<class>/*) into uint8 arrays."""
+    root = Path(root)
+    missing = [split for split in ("train", "test") if not (root / split).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir())
+        raise DataError(
+            f"{str(root)!r}: expected folders train/ and test/ (ImageFolder layout), "
+            f"found {found}; missing {', '.join(s + '/' for s in missing)}"
+        )
+    splits = {split: _read_split(root / split) for split in ("train", "test")}
+    classes = splits["train"][2]
+    if splits["test"][2] != classes:
+        raise DataError(
+            f"{str(root)!r}: train/ and test/ have different class folders: "
+            f"{list(classes)} vs {list(splits['test'][2])}"
+        )
+    (xtr, ytr, _), (xte, yte, _) = splits["train"], splits["test"]
+    return CifarArrays(xtr, ytr, xte, yte, classes, f"image-folder:{root}")
+
+
+def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Decode every image of one split; class index = position of its folder in sorted order."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+    if not classes:
+        raise DataError(f"{str(folder)!r} holds no class folders; expected {folder.name}/<class>/*")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {str(folder / name)!r} holds no images {IMAGE_SUFFIXES}")
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    array = np.asarray(img.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as err:
+                raise DataError(f"cannot read image {str(path)!r}: {err}") from err
+            if array.shape != (32, 32, 3):
+                raise DataError(f"image {str(path)!r} is {array.shape}, expected (32, 32, 3)")
+            images.append(array)
+            labels.append(index)
+    return np.stack(images), np.asarray(labels, np.int64), classes
+
+
+def make_synthetic_cifar(n_train: int = 500, n_test: int = 200, seed: int = 0) -> CifarArrays:
+    """A learnable stand-in for CIFAR-10 (each class a colour and stripe) for offline smoke runs."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 216, size=(10, 3))
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        noise = rng.normal(0, 25, size=(n, 32, 32, 3))
+        images = palette[labels][:, None, None, :] + noise
+        for i, label in enumerate(labels):  # a class-specific stripe gives GradCAM something to find
+            images[i, 3 * label: 3 * label + 3, :, :] = 255 - palette[label]
+        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    xtr, ytr = split(n_train)
+    xte, yte = split(n_test)
+    return CifarArrays(xtr, ytr, xte, yte, CIFAR10_CLASSES, f"synthetic(seed={seed})")
+
+
+def take_subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int = 0):
+    """A seeded random subset of n images (all of them when n is None or too large)."""
+    if n is None or n >= len(labels):
+        return images, labels
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+    return images[keep], labels[keep]
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over every pixel of a uint8 NHWC array, in [0, 1] units."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected NHWC images with 3 channels, got shape {images.shape}")
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    for start in range(0, len(images), 4096):  # chunks keep float64 memory small
+        chunk = images[start:start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
+        total += chunk.sum(0)
+        total_sq += (chunk**2).sum(0)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+@dataclass
+class DataSummary:
+    """What a student should know about the data before training on it."""
+
+    classes: tuple[str, ...]
+    train_counts: np.ndarray
+    test_counts: np.ndarray
+    image_shape: tuple[int, ...]
+    dtype: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def table(self):
+        """Per-class counts for train and test as a pandas DataFrame (with a total row)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {"train": self.train_counts, "test": self.test_counts}, index=list(self.classes)
+        )
+        frame.loc["total"] = frame.sum()
+        return frame
+
+
+def summarize(data: CifarArrays) -> DataSummary:
+    """Counts per class, image shape and dtype, and mean/std computed from the train set."""
+    n = len(data.classes)
+    mean, std = channel_mean_std(data.train_images)
+    return DataSummary(
+        classes=data.classes,
+        train_counts=np.bincount(data.train_labels, minlength=n),
+        test_counts=np.bincount(data.test_labels, minlength=n),
+        image_shape=tuple(data.train_images.shape[1:]),
+        dtype=str(data.train_images.dtype),
+        mean=mean,
+        std=std,
+    )
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def get_transforms(recipe: Recipe, train: bool, mean, std):
+    """An albumentations Compose: HWC uint8 RGB -> normalized CHW float tensor."""
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    # Fills are whole numbers: albumentations truncates a float fill when writing into uint8.
+    mean_fill = tuple(int(round(255 * m)) for m in mean)
+    steps = []
+    aug = recipe.augment
+    if train and aug.crop_padding:
+        size = 32 + 2 * aug.crop_padding  # torchvision RandomCrop(32, padding=p): zeros, then crop
+        steps += [
+            A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(32, 32),
+        ]
+    if train and aug.hflip_p:
+        steps.append(A.HorizontalFlip(p=aug.hflip_p))
+    if train and aug.rotate_limit:
+        # Corners uncovered by the rotation take the dataset mean, which normalizes to ~0.
+        steps.append(A.Rotate(limit=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
+                              border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
+    if train and aug.cutout_size:
+        # After the rotation, so the hole stays an axis-aligned square of exactly this size.
+        side = aug.cutout_size
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(side, side),
+                                     hole_width_range=(side, side), fill=mean_fill, p=aug.cutout_p))
+    steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- datasets and loaders
+
+
+class CifarDataset(Dataset):
+    """Images + labels with a transform that is reseeded per (seed, epoch, index).
+
+    Per-sample seeds make the augmented images independent of the number of workers and let a
+    resumed run see exactly the images an uninterrupted run would have seen.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        # In shared memory: persistent workers (CUDA loaders) hold their own copy of the
+        # dataset, and a plain attribute set in the main process would never reach them.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentation stream __getitem__ draws from."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of this epoch (persistent workers see it too)."""
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(
+                (self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32)
+        image = self.transform(image=self.images[index])["image"]
+        return image, int(self.labels[index])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch from (seed, epoch), so a resumed run keeps the same order."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of this epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_num_workers(device: torch.device | str) -> int:
+    """Loader workers: up to 8 on an accelerator, fewer on CPU where the model needs the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores) if torch.device(device).type == "cuda" else min(2, max(cores - 1, 0))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    num_workers: int | None = None,
+    fast: bool = True,
+) -> DataLoader:
+    """Train: per-epoch seeded shuffle; test: fixed order. `fast` adds pinning and prefetching."""
+    on_cuda = torch.device(device).type == "cuda"
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    options = {}
+    if fast and workers > 0:
+        options = {"persistent_workers": on_cuda, "prefetch_factor": 4 if on_cuda else 2}
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=fast and on_cuda,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+        **options,
+    )
+
+
+def build_loaders(data: CifarArrays, recipe: Recipe, mean, std, device="cpu", seed: int = 0,
+                  batch_size: int | None = None, num_workers: int | None = None,
+                  fast: bool = True) -> tuple[DataLoader, DataLoader]:
+    """Train and test loaders for a recipe: augmented + shuffled, and normalized + in order."""
+    batch = batch_size or recipe.batch_size
+    train_set = CifarDataset(data.train_images, data.train_labels,
+                             get_transforms(recipe, True, mean, std), seed)
+    test_set = CifarDataset(data.test_images, data.test_labels,
+                            get_transforms(recipe, False, mean, std), seed)
+    train = make_loader(train_set, batch, True, device, seed, num_workers, fast)
+    # Evaluation has no backward pass, so twice the batch fits in the same memory.
+    test = make_loader(test_set, 2 * batch, False, device, seed, num_workers, fast)
+    return train, test
+
+
+def denormalize(images: torch.Tensor, mean, std) -> np.ndarray:
+    """Undo Normalize: CHW float tensors -> NHWC floats in [0, 1] for plotting."""
+    images = images.detach().float().cpu()
+    if images.ndim == 3:
+        images = images[None]
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    return (images * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def load_data(data_dir: str | os.PathLike | None, download: bool = False,
+              train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
+              synthetic: bool = False) -> CifarArrays:
+    """Load (or synthesise) the dataset and cut the optional seeded subsets for quick runs."""
+    if synthetic:
+        data = make_synthetic_cifar(train_subset or 500, test_subset or 200, seed)
+    elif data_dir is None:
+        raise DataError("no data folder given; pass data_dir (or synthetic=True for a smoke run)")
+    else:
+        data = load_cifar10(data_dir, download)
+    data.train_images, data.train_labels = take_subset(
+        data.train_images, data.train_labels, train_subset, seed)
+    data.test_images, data.test_labels = take_subset(
+        data.test_images, data.test_labels, test_subset, seed + 1)
+    return data

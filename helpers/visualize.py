@@ -1,0 +1,148 @@
+"""Every plot of the course. Each function returns its Figure and never calls plt.show()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .gradcam import overlay
+
+
+def _grid(n: int, cols: int, cell: float = 1.6, extra_height: float = 0.0):
+    """A Figure with an n-cell grid of axes, axis ticks off."""
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(cols * cell, rows * (cell + extra_height)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> str:
+    """Save a figure as PNG atomically (temporary file, then rename); returns the path."""
+    from .train import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    return str(path)
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                 per_class: int = 8, seed: int = 0) -> Figure:
+    """A labelled grid: `per_class` random images of each class, one class per row."""
+    rng = np.random.default_rng(seed)
+    n_classes = len(classes)
+    fig, axes = _grid(n_classes * per_class, per_class, cell=1.1)
+    for row, name in enumerate(classes):
+        members = np.flatnonzero(labels == row)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        for col, index in enumerate(chosen):
+            ax = axes[row * per_class + col]
+            ax.imshow(images[index])
+            if col == 0:
+                ax.set_axis_on()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.suptitle("Samples per class")
+    return fig
+
+
+def plot_class_distribution(train_counts, test_counts, classes: Sequence[str]) -> Figure:
+    """Side-by-side bars of images per class in train and test."""
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(classes))
+    for offset, counts, name in ((-0.2, train_counts, "train"), (0.2, test_counts, "test")):
+        bars = ax.bar(x + offset, counts, width=0.4, label=name)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, classes, rotation=30)
+    ax.set_ylabel("images")
+    ax.set_title("Class distribution")
+    ax.legend()
+    return fig
+
+
+def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
+                   n_versions: int = 6, seed: int = 0) -> Figure:
+    """Each row: an original image, then `n_versions` draws of the train transform."""
+    from .dataset import denormalize
+
+    fig, axes = _grid(n_images * (n_versions + 1), n_versions + 1, cell=1.3)
+    for row in range(n_images):
+        axes[row * (n_versions + 1)].imshow(images[row])
+        axes[row * (n_versions + 1)].set_title("original", fontsize=8)
+        for col in range(1, n_versions + 1):
+            transform.set_random_seed(seed + 1000 * row + col)
+            augmented = denormalize(transform(image=images[row])["image"], mean, std)[0]
+            axes[row * (n_versions + 1) + col].imshow(augmented)
+    fig.suptitle("Train augmentations")
+    return fig
+
+
+def plot_lr_finder(result) -> Figure:
+    """Smoothed loss against LR (log scale) with the suggested max LR marked."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.raw_losses, color="0.8", lw=1, label="loss per batch")
+    ax.plot(result.lrs, result.losses, lw=2, label="smoothed loss")
+    ax.axvline(result.min_loss_lr, color="0.5", ls=":", label=f"minimum {result.min_loss_lr:.2e}")
+    ax.axvline(result.suggested_lr, color="C3", ls="--",
+               label=f"suggested max LR {result.suggested_lr:.2e}")
+    ax.set_xscale("log")
+    finite = [v for v in result.losses if np.isfinite(v)]
+    ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * min(finite)))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("LR range test")
+    ax.legend()
+    return fig
+
+
+def plot_history(history: list[dict]) -> Figure:
+    """Loss and accuracy (train vs test) and the LR, per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    for split in ("train", "test"):
+        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker=".", label=split)
+        acc_ax.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker=".", label=split)
+    loss_ax.set_title("loss (train: with label smoothing)")
+    acc_ax.set_title(f"accuracy, final test {100 * history[-1]['test_acc']:.2f}%")
+    acc_ax.set_ylabel("%")
+    lr_ax.plot(epochs, [r["lr"] for r in history], marker=".", color="C2")
+    lr_ax.set_title("learning rate at the end of each epoch")
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
+    acc_ax.legend()
+    return fig
+
+
+def plot_misclassified(images: np.ndarray, indices: Sequence[int], predictions,
+                       classes: Sequence[str], cols: int = 5) -> Figure:
+    """Misclassified test images with true label, predicted label and confidence."""
+    fig, axes = _grid(len(indices), cols, cell=2.0, extra_height=0.35)
+    for ax, index in zip(axes, indices):
+        pred = predictions.preds[index]
+        ax.imshow(images[index])
+        ax.set_title(f"#{index} true: {classes[predictions.labels[index]]}\n"
+                     f"pred: {classes[pred]} ({100 * predictions.probs[index, pred]:.0f}%)",
+                     fontsize=8)
+    fig.suptitle("Misclassified test images (most confident first)")
+    return fig
+
+
+def plot_gradcam(images: np.ndarray, cams, indices: Sequence[int], predictions,
+                 classes: Sequence[str], cols: int = 5, explained: str = "predicted") -> Figure:
+    """GradCAM overlays of the same images as `plot_misclassified`, in the same order."""
+    fig, axes = _grid(len(indices), cols, cell=2.0, extra_height=0.35)
+    for ax, cam, index in zip(axes, cams, indices):
+        ax.imshow(overlay(images[index], cam))
+        ax.set_title(f"#{index} true: {classes[predictions.labels[index]]}\n"
+                     f"pred: {classes[predictions.preds[index]]}", fontsize=8)
+    fig.suptitle(f"GradCAM for the {explained} class")
+    return fig

@@ -1,0 +1,39 @@
+"""Shared fixtures, and smoke-mode settings for the notebooks run by nbval.
+
+The notebooks read their parameters from CIFAR_* environment variables; the kernels nbval starts
+inherit this process's environment, so setting defaults here shrinks every notebook run to a
+few minutes on a CPU. Values already set (by .ci/run or by hand) win.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+_SMOKE_DIR = tempfile.mkdtemp(prefix="cifar-smoke-")
+atexit.register(shutil.rmtree, _SMOKE_DIR, ignore_errors=True)  # after the last kernel is gone
+for key, value in {
+    "CIFAR_EPOCHS": "2",
+    "CIFAR_TRAIN_SUBSET": "512",
+    "CIFAR_TEST_SUBSET": "256",
+    "CIFAR_BATCH_SIZE": "64",
+    "CIFAR_LR_FINDER_ITERS": "12",
+    "CIFAR_OUT": os.path.join(_SMOKE_DIR, "runs"),
+    "CIFAR_IMAGES_DIR": os.path.join(_SMOKE_DIR, "images"),
+    "CIFAR_DOWNLOAD": "0",
+}.items():
+    os.environ.setdefault(key, value)
+if "CIFAR_DATA_DIR" not in os.environ:  # no real images given: synthetic ones
+    os.environ.setdefault("CIFAR_SYNTHETIC", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Every test starts from the same seed."""
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,298 @@
+"""Data: loading, errors, summary statistics, and the augmentations checked on pixels."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import dataset
+from helpers.dataset import (
+    CifarDataset,
+    DataError,
+    build_loaders,
+    channel_mean_std,
+    get_transforms,
+    load_cifar10,
+    make_synthetic_cifar,
+    summarize,
+)
+from helpers.recipes import S8, S10, Augment
+
+MEAN = (0.5, 0.25, 0.75)
+STD = (0.2, 0.3, 0.4)
+
+
+def only(recipe, **augment):
+    """The recipe with only the named augmentations switched on."""
+    fields = {"crop_padding": 0, "hflip_p": 0.0, "rotate_limit": 0.0, "cutout_size": 0}
+    fields.update(augment)
+    return dataclasses.replace(recipe, augment=Augment(**fields))
+
+
+def to_pixels(tensor: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
+    """Invert Normalize + ToTensor: CHW float -> HWC uint8."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return torch.round((tensor * s + m) * 255).permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def draws(transform, image, n=200):
+    """n seeded draws of a transform on one image, as uint8 HWC."""
+    out = []
+    for seed in range(n):
+        transform.set_random_seed(seed)
+        out.append(to_pixels(transform(image=image)["image"]))
+    return out
+
+
+@pytest.fixture
+def random_image():
+    return np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_test_transform_only_normalizes(random_image):
+    out = get_transforms(S10, False, MEAN, STD)(image=random_image)["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = (random_image / 255.0 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_crop_is_torchvision_random_crop_with_padding_4(random_image):
+    padded = np.pad(random_image, ((4, 4), (4, 4), (0, 0)))  # zero padding, as torchvision
+    shifts = set()
+    for out in draws(get_transforms(only(S10, crop_padding=4), True, MEAN, STD), random_image):
+        matches = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if np.array_equal(out, padded[dy:dy + 32, dx:dx + 32])]
+        assert len(matches) == 1, "every output is exactly one 32x32 window of the padded image"
+        shifts.add((matches[0][0] - 4, matches[0][1] - 4))
+    ys, xs = {s[0] for s in shifts}, {s[1] for s in shifts}
+    assert ys == xs == set(range(-4, 5)), "shifts reach 4 pixels both ways and no further"
+
+
+def test_flip_is_horizontal_with_half_probability(random_image):
+    outs = draws(get_transforms(only(S10, hflip_p=0.5), True, MEAN, STD), random_image)
+    flipped = [np.array_equal(o, random_image[:, ::-1]) for o in outs]
+    assert all(f or np.array_equal(o, random_image) for f, o in zip(flipped, outs))
+    assert 0.4 < np.mean(flipped) < 0.6
+
+
+def hole_mask(out: np.ndarray, mean=MEAN) -> np.ndarray:
+    """Pixels equal to the dataset mean in all three channels."""
+    return (out == np.round(255 * np.array(mean)).astype(np.uint8)).all(-1)
+
+
+@pytest.mark.parametrize("recipe, side", [(S10, 8), (S8, 16)])
+def test_cutout_alone_is_exactly_one_square_hole_filled_with_the_mean(recipe, side):
+    image = np.full((32, 32, 3), 200, np.uint8)
+    outs = draws(get_transforms(only(recipe, cutout_size=recipe.augment.cutout_size), True,
+                                MEAN, STD), image)
+    corners = set()
+    for out in outs:
+        mask = hole_mask(out)
+        ys, xs = np.nonzero(mask)
+        assert mask.sum() == side * side
+        assert ys.max() - ys.min() + 1 == side and xs.max() - xs.min() + 1 == side
+        assert (out[~mask] == 200).all(), "nothing outside the hole changes"
+        corners.add((ys.min(), xs.min()))
+    assert len(corners) > 50, "the hole moves around"
+
+
+def full_squares(mask: np.ndarray, side: int) -> int:
+    """How many side x side windows of the mask are entirely True."""
+    return sum(mask[y:y + side, x:x + side].all()
+               for y in range(33 - side) for x in range(33 - side))
+
+
+@pytest.mark.parametrize("recipe", [S10, S8])
+def test_full_train_pipeline_has_one_hole_of_the_recipe_size(recipe, random_image):
+    side = recipe.augment.cutout_size
+    for out in draws(get_transforms(recipe, True, MEAN, STD), random_image, n=100):
+        mask = hole_mask(out)
+        assert full_squares(mask, side) == 1 and full_squares(mask, side + 1) == 0
+
+
+def test_hole_normalizes_to_about_zero():
+    image = np.full((32, 32, 3), 200, np.uint8)
+    transform = get_transforms(only(S10, cutout_size=8), True, MEAN, STD)
+    transform.set_random_seed(0)
+    out = transform(image=image)["image"]
+    fill = (np.round(255 * np.array(MEAN)) / 255 - np.array(MEAN)) / np.array(STD)
+    values = out.permute(1, 2, 0).reshape(-1, 3).numpy()
+    in_hole = np.isclose(values, fill, atol=1e-5).all(1)
+    assert in_hole.sum() == 64 and np.abs(fill).max() < 0.01
+
+
+def bar_angle(out: np.ndarray) -> float:
+    """Orientation (degrees) of a bright bar from the image's second moments, centre disk only."""
+    gray = out.astype(float).mean(-1)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    weight = gray * (yy**2 + xx**2 < 12**2)
+    mu20, mu02, mu11 = (weight * xx**2).sum(), (weight * yy**2).sum(), (weight * xx * yy).sum()
+    return math.degrees(0.5 * math.atan2(2 * mu11, mu20 - mu02))
+
+
+def test_rotation_stays_within_five_degrees_and_uses_the_range():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[14:18, :, :] = 255  # a horizontal bar through the centre
+    assert abs(bar_angle(image)) < 0.01
+    angles = [bar_angle(o) for o in draws(get_transforms(only(S8, rotate_limit=5.0), True,
+                                                         MEAN, STD), image, n=300)]
+    assert max(abs(a) for a in angles) <= 5.0 + 0.3  # 0.3 deg: moment estimate on a pixel grid
+    assert min(angles) < -4 and max(angles) > 4, "both directions, close to the limit"
+
+
+def test_rotation_corners_take_the_mean():
+    image = np.full((32, 32, 3), 200, np.uint8)
+    outs = draws(get_transforms(only(S8, rotate_limit=5.0), True, MEAN, STD), image, n=20)
+    corners = np.array([hole_mask(o)[[0, 0, 31, 31], [0, 31, 0, 31]] for o in outs])
+    assert corners.any(), "uncovered corners are filled with the mean"
+    fill = np.round(255 * np.array(MEAN))
+    low = np.minimum(fill, 200)
+    assert all((o >= low).all() for o in outs), "only mean and image blend: no black corners"
+    assert not any(hole_mask(o)[8:24, 8:24].any() for o in outs), "the centre is never filled"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_channel_mean_std_matches_numpy():
+    images = np.random.default_rng(1).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+    mean, std = channel_mean_std(images)
+    as_float = images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, as_float.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(std, as_float.std(0), rtol=1e-8)
+
+
+def test_channel_mean_std_of_constant_images():
+    mean, std = channel_mean_std(np.full((3, 32, 32, 3), 51, np.uint8))
+    assert mean == pytest.approx((0.2, 0.2, 0.2)) and std == pytest.approx((0, 0, 0), abs=1e-7)
+
+
+def test_summary_counts_and_table():
+    data = make_synthetic_cifar(100, 40, seed=0)
+    summary = summarize(data)
+    assert summary.train_counts.tolist() == [10] * 10 and summary.test_counts.tolist() == [4] * 10
+    assert summary.image_shape == (32, 32, 3) and summary.dtype == "uint8"
+    table = summary.table()
+    assert table.loc["total", "train"] == 100 and table.loc["cat", "test"] == 4
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def write_tree(root, classes=("cat", "dog"), per_class=3, seed=0):
+    """A tiny ImageFolder tree of PNGs (lossless), returning the written arrays."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                array = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(array).save(root / split / name / f"{i:04d}.png")
+                written[(split, name, i)] = array
+    return written
+
+
+def test_load_image_folder_reads_pixels_labels_and_classes(tmp_path):
+    written = write_tree(tmp_path)
+    data = load_cifar10(tmp_path)
+    assert data.classes == ("cat", "dog")
+    assert data.train_images.shape == (6, 32, 32, 3) and data.train_images.dtype == np.uint8
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(data.test_images[4], written[("test", "dog", 1)])
+
+
+def test_missing_folder_without_download_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="does not exist and download is off"):
+        load_cifar10(tmp_path / "nowhere")
+
+
+def test_wrong_layout_says_what_was_expected_and_found(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"expected train/<class>/\*.*found \['images'\]"):
+        load_cifar10(tmp_path)
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="missing test/"):
+        load_cifar10(tmp_path)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    write_tree(tmp_path)
+    bad = tmp_path / "train" / "dog" / "0001.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image .*0001.png"):
+        load_cifar10(tmp_path)
+
+
+def test_class_folders_must_match(tmp_path):
+    write_tree(tmp_path)
+    (tmp_path / "test" / "dog").rename(tmp_path / "test" / "bird")
+    with pytest.raises(DataError, match="different class folders"):
+        load_cifar10(tmp_path)
+
+
+def test_load_data_subsets_are_seeded():
+    a = dataset.load_data(None, train_subset=50, test_subset=20, seed=3, synthetic=True)
+    b = dataset.load_data(None, train_subset=50, test_subset=20, seed=3, synthetic=True)
+    assert len(a.train_labels) == 50 and len(a.test_labels) == 20
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    full = make_synthetic_cifar(1000, 10, seed=0)
+    x, y = dataset.take_subset(full.train_images, full.train_labels, 100, seed=1)
+    assert len(y) == 100 and len(set(map(bytes, x))) == 100
+
+
+# ----------------------------------------------------------------------------- datasets and loaders
+
+
+def test_augmentations_depend_on_seed_epoch_and_index_only():
+    data = make_synthetic_cifar(20, 10, seed=0)
+    transform = get_transforms(S10, True, MEAN, STD)
+    ds = CifarDataset(data.train_images, data.train_labels, transform, seed=7)
+    first = ds[3][0]
+    ds[5]  # another item in between must not change item 3
+    assert torch.equal(ds[3][0], first)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3][0], first)
+
+
+def test_loader_batches_do_not_depend_on_worker_count():
+    data = make_synthetic_cifar(64, 16, seed=0)
+    batches = []
+    for workers in (0, 2):
+        train, _ = build_loaders(data, S10, MEAN, STD, seed=1, batch_size=16, num_workers=workers)
+        train.sampler.set_epoch(2)
+        train.dataset.set_epoch(2)
+        batches.append([(x.clone(), y.clone()) for x, y in train])
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_train_loader_shuffles_per_epoch_and_test_loader_keeps_order():
+    data = make_synthetic_cifar(64, 32, seed=0)
+    train, test = build_loaders(data, S10, MEAN, STD, batch_size=16, num_workers=0)
+    order0 = list(train.sampler)
+    train.sampler.set_epoch(1)
+    assert sorted(order0) == list(range(64)) and list(train.sampler) != order0
+    labels = torch.cat([y for _, y in test]).numpy()
+    np.testing.assert_array_equal(labels, data.test_labels)
+    assert test.batch_size == 2 * train.batch_size
+
+
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument")
+def test_persistent_workers_follow_the_epoch():
+    # CUDA loaders keep their workers alive between epochs; the epoch must still reach them.
+    data = make_synthetic_cifar(32, 8, seed=0)
+    train, _ = build_loaders(data, S10, MEAN, STD, device="cuda", batch_size=16, num_workers=1)
+    assert train.persistent_workers
+    epochs = []
+    for epoch in (0, 1, 0):
+        train.dataset.set_epoch(epoch)  # the sampler stays at epoch 0: only augmentations change
+        epochs.append(torch.cat([x for x, _ in train]))
+    assert not torch.equal(epochs[0], epochs[1]) and torch.equal(epochs[0], epochs[2])

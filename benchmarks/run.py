@@ -24,8 +24,7 @@ import torch
 from helpers.dataset import CifarArrays, DataError, DataSummary, build_loaders, load_data, summarize
 from helpers.models import create_model
 from helpers.recipes import RECIPES, Recipe, get_recipe
-from helpers.train import (Runtime, atomic_write, find_max_lr, fit, pick_device, run_metadata,
-                           seed_everything)
+from helpers.train import Runtime, atomic_write, find_max_lr, fit, pick_device, run_metadata, seed_everything
 
 from . import report, throughput
 

@@ -304,9 +304,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def default_num_workers(device: torch.device | str) -> int:
-    """Loader workers: up to 8 on an accelerator, fewer on CPU where the model needs the cores."""
+    """Loader workers: all cores but one on a GPU (up to 16), fewer on CPU where the model needs them.
+
+    One worker augments about 3,000 images/s (benchmarks/results.md), and a fast GPU trains the
+    S10 network several times faster than that, so a GPU run wants every spare core.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores) if torch.device(device).type == "cuda" else min(2, max(cores - 1, 0))
+    if torch.device(device).type == "cuda":
+        return max(2, min(cores - 1, 16))
+    return min(2, max(cores - 1, 0))
 
 
 def make_loader(

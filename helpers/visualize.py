@@ -71,12 +71,14 @@ def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
     from .dataset import denormalize
 
     fig, axes = _grid(n_images * (n_versions + 1), n_versions + 1, cell=1.3)
-    for row in range(n_images):
-        axes[row * (n_versions + 1)].imshow(images[row])
-        axes[row * (n_versions + 1)].set_title("original", fontsize=8)
+    # Random rows rather than the first ones: an ImageFolder copy is sorted by class.
+    chosen = np.random.default_rng(seed).choice(len(images), n_images, replace=False)
+    for row, index in enumerate(chosen):
+        axes[row * (n_versions + 1)].imshow(images[index])
+        axes[row * (n_versions + 1)].set_title(f"original #{index}", fontsize=8)
         for col in range(1, n_versions + 1):
             transform.set_random_seed(seed + 1000 * row + col)
-            augmented = denormalize(transform(image=images[row])["image"], mean, std)[0]
+            augmented = denormalize(transform(image=images[index])["image"], mean, std)[0]
             axes[row * (n_versions + 1) + col].imshow(augmented)
     fig.suptitle("Train augmentations")
     return fig

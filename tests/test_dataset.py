@@ -296,3 +296,10 @@ def test_persistent_workers_follow_the_epoch():
         train.dataset.set_epoch(epoch)  # the sampler stays at epoch 0: only augmentations change
         epochs.append(torch.cat([x for x, _ in train]))
     assert not torch.equal(epochs[0], epochs[1]) and torch.equal(epochs[0], epochs[2])
+
+
+def test_default_workers(monkeypatch):
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert dataset.default_num_workers("cuda") == 15 and dataset.default_num_workers("cpu") == 2
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert dataset.default_num_workers("cuda") == 2 and dataset.default_num_workers("cpu") == 1

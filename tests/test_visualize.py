@@ -1,0 +1,55 @@
+"""Plots: each returns a Figure with the expected panels, and saving is atomic PNG."""
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from helpers import visualize
+from helpers.dataset import get_transforms, make_synthetic_cifar, summarize
+from helpers.recipes import S10
+from helpers.train import LRRangeResult, Predictions
+
+
+def shown(fig: Figure) -> list:
+    """The axes that display an image."""
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_data_plots():
+    data = make_synthetic_cifar(100, 20)
+    stats = summarize(data)
+    assert len(shown(visualize.plot_samples(data.train_images, data.train_labels, data.classes,
+                                            per_class=3))) == 30
+    bars = visualize.plot_class_distribution(stats.train_counts, stats.test_counts, data.classes)
+    assert len(bars.axes[0].patches) == 20
+    transform = get_transforms(S10, True, stats.mean, stats.std)
+    fig = visualize.plot_augmented(data.train_images, transform, stats.mean, stats.std,
+                                   n_images=2, n_versions=3)
+    assert len(shown(fig)) == 8
+
+
+def test_training_plots():
+    result = LRRangeResult([1e-4, 1e-3, 1e-2], [2.3, 2.0, 2.5], [2.3, 1.9, 2.6], 1e-4, 1e-3,
+                           1e-4, "rule")
+    assert isinstance(visualize.plot_lr_finder(result), Figure)
+    history = [{"epoch": e, "lr": 0.1 / e, "train_loss": 1 / e, "test_loss": 1.2 / e,
+                "train_acc": 0.5 + e / 10, "test_acc": 0.45 + e / 10} for e in (1, 2, 3)]
+    fig = visualize.plot_history(history)
+    assert len(fig.axes) == 3 and "75.00%" in fig.axes[1].get_title()
+
+
+def test_misclassified_and_gradcam_grids_share_order(tmp_path):
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    probs = np.full((10, 10), 0.05)
+    probs[:, 1] = 0.55
+    predictions = Predictions(probs, probs.argmax(1), np.zeros(10, np.int64))
+    indices = [7, 2, 5]
+    classes = [str(i) for i in range(10)]
+    grid = visualize.plot_misclassified(images, indices, predictions, classes)
+    cams = visualize.plot_gradcam(images, torch.rand(3, 32, 32), indices, predictions, classes)
+    titles = [ax.get_title() for ax in shown(grid)]
+    assert [t.split("\n")[0] for t in titles] == [
+        ax.get_title().split("\n")[0] for ax in shown(cams)]
+    assert titles[0].startswith("#7 true: 0") and "pred: 1 (55%)" in titles[0]
+    path = visualize.save_figure(grid, tmp_path / "grid.png")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and len(list(tmp_path.iterdir())) == 1

@@ -74,8 +74,15 @@ def run(args: argparse.Namespace) -> dict:
 
     figures = {"samples": visualize.plot_samples(data.train_images, data.train_labels, data.classes),
                "class_distribution": visualize.plot_class_distribution(
-                   summary.train_counts, summary.test_counts, data.classes)}
+                   summary.train_counts, summary.test_counts, data.classes),
+               "augmentations": visualize.plot_augmented(
+                   data.train_images, train_loader.dataset.transform, summary.mean, summary.std)}
     max_lr, finder = args.max_lr, None
+    last = out / "last.pt"
+    if recipe.scheduler == "onecycle" and max_lr is None and not args.no_resume and last.exists():
+        # Resuming: keep the LR the run started with (a GPU range test is not bit-exact).
+        max_lr = train.load_checkpoint(last)["max_lr"]
+        print(f"resuming {last}: max LR {max_lr:.3g} from the checkpoint, no LR range test")
     if recipe.scheduler == "onecycle" and max_lr is None:
         finder = train.find_max_lr(model, train_loader, recipe, device, runtime,
                                    args.lr_finder_iters, show)
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except dataset.DataError as err:
+    except (dataset.DataError, train.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -243,6 +243,16 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
 # ----------------------------------------------------------------------------- datasets and loaders
 
 
+def seed_transform(transform, seed: int) -> None:
+    """Give an albumentations Compose ONE random stream, shared by its transforms, from `seed`.
+
+    Not `Compose.set_random_seed`: that gives every transform its own generator with the same
+    seed, so their first draws coincide and, e.g., the flip would follow the crop's offset.
+    """
+    seed %= 2**32
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 class CifarDataset(Dataset):
     """Images + labels with a transform that is reseeded per (seed, epoch, index).
 
@@ -271,9 +281,8 @@ class CifarDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(
-                (self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32)
+        if hasattr(self.transform, "set_random_state"):
+            seed_transform(self.transform, self.seed * 1_000_003 + self.epoch * 100_003 + index)
         image = self.transform(image=self.images[index])["image"]
         return image, int(self.labels[index])
 

@@ -54,10 +54,13 @@ class Runtime:
 
     @classmethod
     def for_device(cls, device: torch.device, fast: bool = True, compile: bool = False) -> Runtime:
-        """Fast settings on CUDA (bf16 where supported, else fp16; channels_last); fp32 elsewhere."""
+        """Fast settings on CUDA (bf16 from Ampere on, else fp16; channels_last); fp32 elsewhere."""
         if not fast or device.type != "cuda":
             return cls()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
+        # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        dtype = torch.bfloat16 if native_bf16 else torch.float16
         return cls(amp_dtype=dtype, channels_last=True, compile=compile)
 
     def prepare(self, model: nn.Module, device: torch.device) -> nn.Module:
@@ -70,7 +73,7 @@ class Runtime:
         return torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """Loss scaling, needed for fp16 only (bf16 has fp32's range)."""
+        """Loss scaling for fp16 only (bf16 has fp32's range); its inf check syncs once a step."""
         return torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
 
@@ -197,6 +200,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
 # ----------------------------------------------------------------------------- checkpoints
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that belongs to a different run."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
@@ -220,9 +227,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise ValueError(f"{str(path)!r} is not a training checkpoint of this project")
+        raise CheckpointError(f"{str(path)!r} is not a training checkpoint of this project")
     return state
 
 
@@ -258,11 +265,12 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     last = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     if last is not None and resume and last.exists():
         state = load_checkpoint(last, map_location=device)
-        _check_resumable(state, recipe, max_lr, last)
+        _check_resumable(state, recipe, max_lr, data_signature(train_loader), last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
+            scaler.load_state_dict(state["scaler"])
         history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
@@ -289,7 +297,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch + 1, "history": history, "best_acc": best_acc,
-                     "max_lr": max_lr, "recipe": dataclasses.asdict(recipe)}
+                     "max_lr": max_lr, "recipe": dataclasses.asdict(recipe),
+                     "data": data_signature(train_loader)}
             save_checkpoint(last, state)
             if improved:
                 save_checkpoint(last.with_name("best.pt"), state)
@@ -299,14 +308,22 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                      start_epoch, time.perf_counter() - began)
 
 
-def _check_resumable(state: dict, recipe: Recipe, max_lr: float | None, path: Path) -> None:
-    """Refuse to resume a checkpoint written by a different recipe or LR."""
+def data_signature(train_loader: DataLoader) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoint, data-wise."""
+    return {"train_size": len(train_loader.dataset), "steps_per_epoch": len(train_loader),
+            "seed": getattr(train_loader.sampler, "seed", None)}
+
+
+def _check_resumable(state: dict, recipe: Recipe, max_lr: float | None, data: dict[str, Any],
+                     path: Path) -> None:
+    """Refuse to resume a checkpoint written by a different recipe, LR, data size or seed."""
     saved = state.get("recipe", {})
     mismatched = [k for k, v in dataclasses.asdict(recipe).items() if saved.get(k) != v]
     if state.get("max_lr") != max_lr:
         mismatched.append("max_lr")
+    mismatched += [k for k, v in data.items() if state.get("data", {}).get(k) != v]
     if mismatched:
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} was written with different settings ({', '.join(mismatched)}); "
             "resume with the same settings, pass resume=False (CLI: --no-resume), "
             "or choose another output folder"
@@ -347,6 +364,7 @@ def lr_range_test(model: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     was_training = model.training
     model.train()
     factor = (end_lr / start_lr) ** (1 / (num_iter - 1))
+    scaler = runtime.scaler(device)  # fp16 (T4) needs loss scaling here as much as in training
     lrs, raw, smoothed, average, best = [], [], [], 0.0, math.inf
     batches = _cycle(loader)
     try:
@@ -358,8 +376,9 @@ def lr_range_test(model: nn.Module, loader: DataLoader, optimizer: torch.optim.O
             with runtime.autocast(device):
                 loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             value = loss.item()  # the sweep needs every loss on the host anyway
             average = smooth * value + (1 - smooth) * average
             current = average / (1 - (1 - smooth) ** (i + 1))

@@ -68,7 +68,7 @@ def plot_class_distribution(train_counts, test_counts, classes: Sequence[str]) -
 def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
                    n_versions: int = 6, seed: int = 0) -> Figure:
     """Each row: an original image, then `n_versions` draws of the train transform."""
-    from .dataset import denormalize
+    from .dataset import denormalize, seed_transform
 
     fig, axes = _grid(n_images * (n_versions + 1), n_versions + 1, cell=1.3)
     # Random rows rather than the first ones: an ImageFolder copy is sorted by class.
@@ -77,7 +77,7 @@ def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
         axes[row * (n_versions + 1)].imshow(images[index])
         axes[row * (n_versions + 1)].set_title(f"original #{index}", fontsize=8)
         for col in range(1, n_versions + 1):
-            transform.set_random_seed(seed + 1000 * row + col)
+            seed_transform(transform, seed + 1000 * row + col)
             augmented = denormalize(transform(image=images[index])["image"], mean, std)[0]
             axes[row * (n_versions + 1) + col].imshow(augmented)
     fig.suptitle("Train augmentations")

@@ -15,6 +15,10 @@ TINY = ["--synthetic", "--batch-size", "16", "--epochs", "1", "--train-subset", 
 def test_runs_seeds_and_variants_and_merges_sections(tmp_path):
     out = ["--out", str(tmp_path)]
     assert main(["--recipe", "s10", "--seeds", "0", "1"] + TINY + out) == 0
+    assert main(["--recipe", "s10", "--seeds", "0", "--plain-epochs", "2"] + TINY
+                + ["--out", str(tmp_path / "short")]) == 0
+    short = json.loads((tmp_path / "short" / "results.json").read_text())["recipes"]["s10"]
+    assert {r["variant"]: r["epochs"] for r in short["training"]["runs"]} == {"fast": 1, "plain": 2}
     results = json.loads((tmp_path / "results.json").read_text())
     training = results["recipes"]["s10"]["training"]
     assert len(training["runs"]) == 4 and set(training["summary"]) == {"fast", "plain"}

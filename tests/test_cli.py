@@ -22,7 +22,7 @@ def test_s10_run_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
     assert len(metrics["history"]) == 1 and len(metrics["misclassified_indices"]) <= 20
     names = {p.name for p in out.iterdir()}
     assert {"metrics.json", "last.pt", "best.pt", "samples.png", "class_distribution.png",
-            "lr_finder.png", "history.png"} <= names
+            "augmentations.png", "lr_finder.png", "history.png"} <= names
     if metrics["misclassified_indices"]:
         assert {"misclassified.png", "gradcam.png"} <= names
     assert not [n for n in names if n.startswith(".")], "no temporary files left"
@@ -57,3 +57,26 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_s10_resume_keeps_the_checkpoint_lr(tmp_path, monkeypatch, capsys):
+    # On a GPU the range test is not bit-exact: a rerun must not depend on it repeating itself.
+    from helpers import train
+
+    out = tmp_path / "s10"
+    args = ["train", "--recipe", "s10", "--lr-finder-iters", "5", "--out", str(out)] + TINY
+    assert main(args) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    monkeypatch.setattr(train, "find_max_lr", lambda *a, **k: pytest.fail("range test rerun"))
+    assert main(args) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["max_lr"] == first["max_lr"] and again["resumed_from_epoch"] == 1
+    assert "from the checkpoint" in capsys.readouterr().out
+
+
+def test_resume_with_other_data_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "s8"
+    assert main(["train", "--recipe", "s8", "--out", str(out)] + TINY) == 0
+    other = [a if a != "64" else "96" for a in TINY]  # another train subset size
+    assert main(["train", "--recipe", "s8", "--out", str(out)] + other) == 2
+    assert "different settings (train_size, steps_per_epoch)" in capsys.readouterr().err

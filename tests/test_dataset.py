@@ -40,10 +40,10 @@ def to_pixels(tensor: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
 
 
 def draws(transform, image, n=200):
-    """n seeded draws of a transform on one image, as uint8 HWC."""
+    """n seeded draws of a transform on one image, as uint8 HWC (seeded as CifarDataset does)."""
     out = []
     for seed in range(n):
-        transform.set_random_seed(seed)
+        dataset.seed_transform(transform, seed)
         out.append(to_pixels(transform(image=image)["image"]))
     return out
 
@@ -63,10 +63,12 @@ def test_test_transform_only_normalizes(random_image):
     np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
-def test_crop_is_torchvision_random_crop_with_padding_4(random_image):
+@pytest.mark.parametrize("recipe", [S10, S8], ids=["s10", "s8"])
+def test_crop_is_torchvision_random_crop_with_padding_4(recipe, random_image):
+    assert recipe.augment.crop_padding == 4
     padded = np.pad(random_image, ((4, 4), (4, 4), (0, 0)))  # zero padding, as torchvision
     shifts = set()
-    for out in draws(get_transforms(only(S10, crop_padding=4), True, MEAN, STD), random_image):
+    for out in draws(get_transforms(only(recipe, crop_padding=4), True, MEAN, STD), random_image):
         matches = [(dy, dx) for dy in range(9) for dx in range(9)
                    if np.array_equal(out, padded[dy:dy + 32, dx:dx + 32])]
         assert len(matches) == 1, "every output is exactly one 32x32 window of the padded image"
@@ -120,7 +122,7 @@ def test_full_train_pipeline_has_one_hole_of_the_recipe_size(recipe, random_imag
 def test_hole_normalizes_to_about_zero():
     image = np.full((32, 32, 3), 200, np.uint8)
     transform = get_transforms(only(S10, cutout_size=8), True, MEAN, STD)
-    transform.set_random_seed(0)
+    dataset.seed_transform(transform, 0)
     out = transform(image=image)["image"]
     fill = (np.round(255 * np.array(MEAN)) / 255 - np.array(MEAN)) / np.array(STD)
     values = out.permute(1, 2, 0).reshape(-1, 3).numpy()
@@ -303,3 +305,40 @@ def test_default_workers(monkeypatch):
     assert dataset.default_num_workers("cuda") == 15 and dataset.default_num_workers("cpu") == 2
     monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert dataset.default_num_workers("cuda") == 2 and dataset.default_num_workers("cpu") == 1
+
+
+def crop_shift(out: np.ndarray, image: np.ndarray) -> tuple[int, int]:
+    """The (dy, dx) shift of a padded crop, allowing for a horizontal flip; (99, 99) if none."""
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    for dy in range(9):
+        for dx in range(9):
+            window = padded[dy:dy + 32, dx:dx + 32]
+            if np.array_equal(out, window) or np.array_equal(out, window[:, ::-1]):
+                return dy - 4, dx - 4
+    return 99, 99
+
+
+def test_s10_crop_and_flip_are_independent(random_image):
+    transform = get_transforms(only(S10, crop_padding=4, hflip_p=0.5), True, MEAN, STD)
+    ds = CifarDataset(random_image[None].repeat(400, 0), np.zeros(400, np.int64), transform)
+    pairs = set()
+    for i in range(400):
+        out = to_pixels(ds[i][0])
+        dy, _ = crop_shift(out, random_image)
+        flipped = not any(np.array_equal(out, np.pad(random_image, ((4, 4), (4, 4), (0, 0)))
+                                         [y:y + 32, x:x + 32]) for y in range(9) for x in range(9))
+        pairs.add((dy, flipped))
+    assert len(pairs) == 18, "every (vertical shift, flip) combination occurs"
+
+
+def test_s8_rotation_does_not_follow_the_crop():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[14:18, :, :] = 255
+    transform = get_transforms(only(S8, crop_padding=4, rotate_limit=5.0), True, MEAN, STD)
+    ds = CifarDataset(image[None].repeat(300, 0), np.zeros(300, np.int64), transform)
+    angles, heights = [], []
+    for i in range(300):
+        out = to_pixels(ds[i][0])
+        angles.append(bar_angle(out))
+        heights.append(np.average(np.arange(32), weights=out.astype(float).mean((1, 2)) + 1e-9))
+    assert abs(np.corrcoef(angles, heights)[0, 1]) < 0.2

@@ -82,17 +82,18 @@ def test_explained_layer_is_at_least_8x8(model, layer):
     assert shapes[0][-2:] == (8, 8)
 
 
-def test_hooks_removed_mode_restored_and_no_gradients_left():
-    model = create_model("custom_resnet").train()
-    layer = model.layer2
-    with GradCAM(model, layer) as cam:
-        assert len(layer._forward_hooks) == 1
+@pytest.mark.parametrize("model, layer", models_and_layers(), ids=["s10", "s8"])
+def test_hooks_removed_mode_restored_and_no_gradients_left(model, layer):
+    model.train()
+    target = model.get_submodule(layer)
+    with GradCAM(model, target) as cam:
+        assert len(target._forward_hooks) == 1
         cam(torch.randn(2, 3, 32, 32))
-    assert len(layer._forward_hooks) == 0
+    assert len(target._forward_hooks) == 0
     assert model.training, "train mode restored"
     assert all(p.grad is None for p in model.parameters())
     model.eval()
-    with GradCAM(model, "layer2") as cam:
+    with GradCAM(model, layer) as cam:
         cam(torch.randn(1, 3, 32, 32))
     assert not model.training, "eval mode restored"
 

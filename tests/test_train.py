@@ -240,3 +240,49 @@ def test_recipes_hold_the_assignment_values():
     assert (S8.model, S8.model_kwargs["norm"], S8.epochs, S8.scheduler) == ("resnet18", "ln", 40, "plateau")
     assert (S8.augment.cutout_size, S8.augment.rotate_limit, S8.augment.hflip_p) == (16, 5.0, 0.0)
     assert dataclasses.replace(S8).gradcam_layer == "layer3" and S10.gradcam_layer == "layer2"
+
+
+def stop_after_one_epoch(model, loaders, recipe, checkpoint_dir):
+    """Train until the first checkpoint is written, then interrupt, as a dropped session would."""
+    def interrupt(row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.fit(model, *loaders, recipe, torch.device("cpu"), max_lr=0.05,
+                  checkpoint_dir=checkpoint_dir, progress=False, on_epoch_end=interrupt)
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_cuda_runtime_uses_bf16_only_where_it_is_native(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    runtime = train.Runtime.for_device(torch.device("cuda"))
+    assert runtime.amp_dtype == dtype and runtime.channels_last
+    assert train.Runtime.for_device(torch.device("cuda"), fast=False) == train.Runtime()
+
+
+def test_resume_refuses_another_data_size(tmp_path):
+    recipe = S10.with_overrides(epochs=2)
+    device = torch.device("cpu")
+    loaders = tiny_setup(recipe, n_train=64, n_test=16)
+    stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
+    with pytest.raises(train.CheckpointError, match="train_size, steps_per_epoch"):
+        train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=16), recipe, device,
+                  max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_resume_from_a_run_without_loss_scaling_into_one_with_it(tmp_path):
+    # bf16 or CPU runs save an empty scaler state; an fp16 session (a T4) must still resume.
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    recipe = S10.with_overrides(epochs=2)
+    device = torch.device("cpu")
+    stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=32, n_test=16), recipe, tmp_path)
+    assert train.load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
+
+    class Fp16Like(train.Runtime):
+        def scaler(self, device):
+            return scaler
+
+    result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, device,
+                       Fp16Like(), max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+    assert result.resumed_from_epoch == 1 and len(result.history) == 2

@@ -78,11 +78,10 @@ def run(args: argparse.Namespace) -> dict:
                "augmentations": visualize.plot_augmented(
                    data.train_images, train_loader.dataset.transform, summary.mean, summary.std)}
     max_lr, finder = args.max_lr, None
-    last = out / "last.pt"
-    if recipe.scheduler == "onecycle" and max_lr is None and not args.no_resume and last.exists():
-        # Resuming: keep the LR the run started with (a GPU range test is not bit-exact).
-        max_lr = train.load_checkpoint(last)["max_lr"]
-        print(f"resuming {last}: max LR {max_lr:.3g} from the checkpoint, no LR range test")
+    if recipe.scheduler == "onecycle" and max_lr is None and not args.no_resume:
+        max_lr = train.checkpoint_max_lr(out)
+        if max_lr is not None:
+            print(f"resuming {out}: max LR {max_lr:.3g} from the checkpoint, no LR range test")
     if recipe.scheduler == "onecycle" and max_lr is None:
         finder = train.find_max_lr(model, train_loader, recipe, device, runtime,
                                    args.lr_finder_iters, show)

@@ -314,6 +314,16 @@ def data_signature(train_loader: DataLoader) -> dict[str, Any]:
             "seed": getattr(train_loader.sampler, "seed", None)}
 
 
+def checkpoint_max_lr(checkpoint_dir: str | os.PathLike) -> float | None:
+    """The max LR the run in `checkpoint_dir` started with; None without a checkpoint.
+
+    A resumed run keeps it: on a GPU the LR range test is not bit-exact, and fit() refuses to
+    resume with another LR.
+    """
+    last = Path(checkpoint_dir) / "last.pt"
+    return load_checkpoint(last)["max_lr"] if last.exists() else None
+
+
 def _check_resumable(state: dict, recipe: Recipe, max_lr: float | None, data: dict[str, Any],
                      path: Path) -> None:
     """Refuse to resume a checkpoint written by a different recipe, LR, data size or seed."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .gradcam import overlay
 
@@ -118,6 +119,7 @@ def plot_history(history: list[dict]) -> Figure:
     lr_ax.set_title("learning rate at the end of each epoch")
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     loss_ax.legend()
     acc_ax.legend()

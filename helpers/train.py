@@ -11,7 +11,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +246,6 @@ class FitResult:
     checkpoint_dir: str | None
     resumed_from_epoch: int = 0
     wall_seconds: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe,

@@ -315,8 +315,9 @@ def _seed_worker(worker_id: int) -> None:
 def default_num_workers(device: torch.device | str) -> int:
     """Loader workers: all cores but one on a GPU (up to 16), fewer on CPU where the model needs them.
 
-    One worker augments about 3,000 images/s (benchmarks/results.md), and a fast GPU trains the
-    S10 network several times faster than that, so a GPU run wants every spare core.
+    One loader process augments about 5,000 images/s for S10 and 2,200-2,600 for S8 on the CPU
+    measured in benchmarks/results.md; a fast GPU trains several times faster than that, so a GPU
+    run wants every spare core.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.device(device).type == "cuda":

@@ -143,6 +143,15 @@ def steps_per_batch(scheduler) -> bool:
 # ----------------------------------------------------------------------------- epoch loops
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler) -> None:
+    """Backward and update through the loss scaler (a pass-through when it is disabled)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, runtime: Runtime = Runtime(),
                     scheduler=None, scaler: torch.amp.GradScaler | None = None,
@@ -159,10 +168,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with runtime.autocast(device):
             logits = model(images)
             loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler)
         lr = optimizer.param_groups[0]["lr"]  # the LR this batch used, before the schedule moves
         if scheduler is not None:
             scheduler.step()
@@ -384,10 +390,7 @@ def lr_range_test(model: nn.Module, loader: DataLoader, optimizer: torch.optim.O
             images, labels = _to_device(*next(batches), device, runtime)
             with runtime.autocast(device):
                 loss = criterion(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             value = loss.item()  # the sweep needs every loss on the host anyway
             average = smooth * value + (1 - smooth) * average
             current = average / (1 - (1 - smooth) ** (i + 1))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,40 +35,60 @@ class CifarArrays:
     test_labels: np.ndarray
     classes: tuple[str, ...]
     source: str  # where it came from, for run metadata
+    skipped: dict[str, int] = field(default_factory=dict)  # files not read, by suffix
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_cifar10(data_dir: str | os.PathLike, download: bool = False) -> CifarArrays:
-    """Load CIFAR-10 from an ImageFolder copy or torchvision's files (downloading if allowed)."""
+def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
+    """The data folder, if it can hold CIFAR-10 (or download is allowed); else a one-line DataError."""
     root = Path(data_dir).expanduser()
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return load_image_folder(root)
-    if (root / "cifar-10-batches-py").is_dir() or download:
-        return _load_torchvision(root, download)
-    if not root.exists():
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} is a file; pass the folder that holds "
+                        "train/ and test/ (ImageFolder) or cifar-10-batches-py/")
+    if not root.exists() and not download:
         raise DataError(
             f"data folder {str(root)!r} does not exist and download is off; pass download=True "
-            "(needs internet) or point data_dir at an ImageFolder copy with train/ and test/ "
+            "(CLI: --download) or point data_dir at an ImageFolder copy with train/ and test/ "
             "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
         )
-    found = sorted(p.name for p in root.iterdir())[:10]
+    return root
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
+                 urls: list[str] | None = None, progress: bool = True) -> CifarArrays:
+    """Load CIFAR-10 from an ImageFolder copy or torchvision's files, fetching them if allowed."""
+    from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
+
+    root = check_data_dir(data_dir, download)
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return load_image_folder(root)
+    if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_FILENAME).is_file() or download:
+        return _load_torchvision(root, download, urls, progress)
+    found = sorted(p.name for p in _visible(root))[:10]
     raise DataError(
         f"{str(root)!r} is not a CIFAR-10 folder: expected train/<class>/* and test/<class>/* "
-        f"(ImageFolder layout) or torchvision's cifar-10-batches-py/, found {found or 'nothing'}"
+        f"(ImageFolder layout), torchvision's cifar-10-batches-py/ or {CIFAR10_FILENAME}, "
+        f"found {found or 'nothing'}"
     )
 
 
-def _load_torchvision(root: Path, download: bool) -> CifarArrays:
-    """Read torchvision's CIFAR10 (its python pickles) into arrays."""
+def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
+                      progress: bool) -> CifarArrays:
+    """Read torchvision's CIFAR10 (its python pickles) into arrays, fetching them from mirrors first."""
     from torchvision.datasets import CIFAR10  # deferred: torchvision is slow to import
 
+    from .download import download_cifar10
+
+    if download or not (root / "cifar-10-batches-py").is_dir():
+        download_cifar10(root, urls, progress=progress)  # the archive in root, a cache or mirrors
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
+        train = CIFAR10(str(root), train=True, download=False)
+        test = CIFAR10(str(root), train=False, download=False)
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
-        raise DataError(f"torchvision CIFAR10 under {str(root)!r}: {err}") from err
+        raise DataError(f"torchvision CIFAR10 under {str(root)!r}: {err}; delete the folder "
+                        "and download again") from err
     return CifarArrays(
         train.data, np.asarray(train.targets, np.int64), test.data,
         np.asarray(test.targets, np.int64), tuple(train.classes), f"torchvision:{root}",
@@ -79,7 +100,7 @@ def load_image_folder(root: str | os.PathLike) -> CifarArrays:
     root = Path(root)
     missing = [split for split in ("train", "test") if not (root / split).is_dir()]
     if missing:
-        found = sorted(p.name for p in root.iterdir())
+        found = sorted(p.name for p in _visible(root))
         raise DataError(
             f"{str(root)!r}: expected folders train/ and test/ (ImageFolder layout), "
             f"found {found}; missing {', '.join(s + '/' for s in missing)}"
@@ -91,20 +112,37 @@ def load_image_folder(root: str | os.PathLike) -> CifarArrays:
             f"{str(root)!r}: train/ and test/ have different class folders: "
             f"{list(classes)} vs {list(splits['test'][2])}"
         )
-    (xtr, ytr, _), (xte, yte, _) = splits["train"], splits["test"]
-    return CifarArrays(xtr, ytr, xte, yte, classes, f"image-folder:{root}")
+    (xtr, ytr, _, skipped_train), (xte, yte, _, skipped_test) = splits["train"], splits["test"]
+    skipped = {k: skipped_train.get(k, 0) + skipped_test.get(k, 0)
+               for k in sorted(skipped_train | skipped_test)}
+    return CifarArrays(xtr, ytr, xte, yte, classes, f"image-folder:{root}", skipped)
 
 
-def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Decode every image of one split; class index = position of its folder in sorted order."""
+def _visible(folder: Path) -> list[Path]:
+    """Entries of a folder minus hidden ones (.ipynb_checkpoints, ._x.jpg from a Mac, __MACOSX)."""
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    except OSError as err:
+        raise DataError(f"cannot list {str(folder)!r}: {err.strerror or err}") from err
+
+
+def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], dict[str, int]]:
+    """Decode every image of one split; class index = position of its folder in sorted order.
+
+    Also returns how many files were skipped, by suffix (not an image type this loader reads).
+    """
     from PIL import Image, UnidentifiedImageError
 
-    classes = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+    classes = tuple(sorted(p.name for p in _visible(folder) if p.is_dir()))
     if not classes:
         raise DataError(f"{str(folder)!r} holds no class folders; expected {folder.name}/<class>/*")
-    images, labels = [], []
+    images, labels, skipped = [], [], {}
     for index, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in _visible(folder / name) if p.is_file())
+        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        for path in entries:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[path.suffix.lower() or "(none)"] = skipped.get(path.suffix.lower() or "(none)", 0) + 1
         if not files:
             raise DataError(f"class folder {str(folder / name)!r} holds no images {IMAGE_SUFFIXES}")
         for path in files:
@@ -117,7 +155,7 @@ def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
                 raise DataError(f"image {str(path)!r} is {array.shape}, expected (32, 32, 3)")
             images.append(array)
             labels.append(index)
-    return np.stack(images), np.asarray(labels, np.int64), classes
+    return np.stack(images), np.asarray(labels, np.int64), classes, skipped
 
 
 def make_synthetic_cifar(n_train: int = 500, n_test: int = 200, seed: int = 0) -> CifarArrays:
@@ -227,7 +265,13 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
         ]
     if train and aug.hflip_p:
         steps.append(A.HorizontalFlip(p=aug.hflip_p))
-    if train and aug.rotate_limit:
+    if train and (aug.shift_limit or aug.scale_limit):
+        # Uncovered borders take the dataset mean, which normalizes to ~0 (no signal).
+        steps.append(A.Affine(translate_percent=(-aug.shift_limit, aug.shift_limit),
+                              scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                              rotate=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
+                              border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
+    elif train and aug.rotate_limit:
         # Corners uncovered by the rotation take the dataset mean, which normalizes to ~0.
         steps.append(A.Rotate(limit=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
@@ -243,14 +287,31 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
 # ----------------------------------------------------------------------------- datasets and loaders
 
 
-def seed_transform(transform, seed: int) -> None:
+def seed_transform(transform, seed: int | np.random.SeedSequence) -> None:
     """Give an albumentations Compose ONE random stream, shared by its transforms, from `seed`.
 
     Not `Compose.set_random_seed`: that gives every transform its own generator with the same
     seed, so their first draws coincide and, e.g., the flip would follow the crop's offset.
     """
-    seed %= 2**32
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    python_seed = int(sequence.generate_state(1, np.uint64)[0])  # albumentations also uses `random`
+    transform.set_random_state(np.random.default_rng(sequence), random.Random(python_seed))
+
+
+# Each stream comes from SeedSequence(seed, spawn_key=(purpose, epoch[, index])): distinct tuples
+# give independent streams, unlike arithmetic on the seed (seed * K + epoch * L + index collides).
+_SHUFFLE, _AUGMENT = 1, 2
+
+
+def augment_stream(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+    """The seed sequence of image `index`'s augmentations in `epoch` of a run seeded `seed`."""
+    return np.random.SeedSequence(seed, spawn_key=(_AUGMENT, epoch, index))
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for the training order of `epoch` of a run seeded `seed`."""
+    state = np.random.SeedSequence(seed, spawn_key=(_SHUFFLE, epoch)).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 class CifarDataset(Dataset):
@@ -260,10 +321,13 @@ class CifarDataset(Dataset):
     resumed run see exactly the images an uninterrupted run would have seen.
     """
 
+    STREAMS = "SeedSequence(seed, spawn_key=(2, epoch, index))"  # in checkpoints: how draws are made
+
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self._fingerprint: str | None = None
         # In shared memory: persistent workers (CUDA loaders) hold their own copy of the
         # dataset, and a plain attribute set in the main process would never reach them.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -280,9 +344,19 @@ class CifarDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the images and labels: which data a checkpoint was trained on, wherever it lies."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(np.ascontiguousarray(self.images).data)
+            digest.update(np.ascontiguousarray(self.labels).data)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if hasattr(self.transform, "set_random_state"):
-            seed_transform(self.transform, self.seed * 1_000_003 + self.epoch * 100_003 + index)
+            seed_transform(self.transform, augment_stream(self.seed, self.epoch, index))
         image = self.transform(image=self.images[index])["image"]
         return image, int(self.labels[index])
 
@@ -298,7 +372,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(shuffle_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -381,14 +455,15 @@ def denormalize(images: torch.Tensor, mean, std) -> np.ndarray:
 
 def load_data(data_dir: str | os.PathLike | None, download: bool = False,
               train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-              synthetic: bool = False) -> CifarArrays:
+              synthetic: bool = False, urls: list[str] | None = None,
+              progress: bool = True) -> CifarArrays:
     """Load (or synthesise) the dataset and cut the optional seeded subsets for quick runs."""
     if synthetic:
         data = make_synthetic_cifar(train_subset or 500, test_subset or 200, seed)
     elif data_dir is None:
         raise DataError("no data folder given; pass data_dir (or synthetic=True for a smoke run)")
     else:
-        data = load_cifar10(data_dir, download)
+        data = load_cifar10(data_dir, download, urls, progress)
     data.train_images, data.train_labels = take_subset(
         data.train_images, data.train_labels, train_subset, seed)
     data.test_images, data.test_labels = take_subset(

@@ -4,8 +4,8 @@
         maps = cam(images, targets)      # [B, H, W] in [0, 1]
 
 weights_k = spatial mean of d(score_target) / d(A_k); map = ReLU(sum_k weights_k * A_k), upsampled
-bilinearly to the input size, then min-max normalised per image (x - min) / (max + 1e-7), as
-pytorch-grad-cam does. Gradients come from `torch.autograd.grad` on the hooked activation, so no
+bilinearly to the input size, then min-max normalised per image, (x - min) / (max - min + 1e-7),
+as pytorch-grad-cam does. Gradients come from `torch.autograd.grad` on the hooked activation, so no
 `.grad` is ever written to the model's parameters.
 """
 
@@ -92,7 +92,7 @@ def upsample(cam: torch.Tensor, size) -> torch.Tensor:
 
 
 def normalize_per_image(cam: torch.Tensor) -> torch.Tensor:
-    """(x - min) / (max + 1e-7) per image: [0, 1], and all zeros stay zeros (never NaN)."""
+    """(x - min) / (max - min + 1e-7) per image: [0, 1], and a constant map becomes zeros (never NaN)."""
     flat = cam.flatten(1)
     flat = flat - flat.min(1, keepdim=True).values
     flat = flat / (flat.max(1, keepdim=True).values + 1e-7)

@@ -1,89 +1,26 @@
-"""Training: device and seeds, optimizer and schedule from a recipe, the epoch loops, the LR range
-test, checkpoints with resume, and predictions on the test set."""
+"""Training: optimizer, loss and schedule from a recipe, the epoch loops, checkpoints with resume,
+and `fit`, which ties them together."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import platform
-import random
+import shutil
 import time
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .recipes import Recipe
-
-# ----------------------------------------------------------------------------- device and runtime
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The named device, else CUDA, then Apple's MPS, then the CPU."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How a run uses the hardware: mixed precision, memory layout, compilation."""
-
-    amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
-    channels_last: bool = False
-    compile: bool = False
-
-    @classmethod
-    def for_device(cls, device: torch.device, fast: bool = True, compile: bool = False) -> Runtime:
-        """Fast settings on CUDA (bf16 from Ampere on, else fp16; channels_last); fp32 elsewhere."""
-        if not fast or device.type != "cuda":
-            return cls()
-        # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
-        # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.
-        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
-        dtype = torch.bfloat16 if native_bf16 else torch.float16
-        return cls(amp_dtype=dtype, channels_last=True, compile=compile)
-
-    def prepare(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Move the model to the device in this runtime's memory layout."""
-        model = model.to(device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-    def autocast(self, device: torch.device):
-        """Autocast context for the forward pass (a no-op in fp32)."""
-        return torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 only (bf16 has fp32's range); its inf check syncs once a step."""
-        return torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, runtime: Runtime):
-    """Non-blocking copy of a batch, in the runtime's memory layout."""
-    images = images.to(device, non_blocking=True)
-    if runtime.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
+from .runtime import FP32_CPU, Runtime, atomic_write
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -102,6 +39,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -
     """The recipe's optimizer (Adam or SGD+Nesterov) at `lr` (default: the recipe's)."""
     groups = parameter_groups(model, recipe.weight_decay)
     lr = recipe.lr if lr is None else lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rate must be a positive finite number, got {lr}")
     if recipe.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if recipe.optimizer == "sgd":
@@ -109,14 +48,21 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; expected 'adam' or 'sgd'")
 
 
+def build_criterion(recipe: Recipe) -> nn.Module:
+    """The training loss: cross-entropy with the recipe's label smoothing."""
+    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int,
                     max_lr: float | None = None):
-    """One Cycle (stepped per batch) or ReduceLROnPlateau (stepped per epoch on test accuracy)."""
+    """One Cycle (stepped per batch, peak `max_lr`) or ReduceLROnPlateau (per epoch, on test accuracy)."""
     if recipe.scheduler == "onecycle":
+        if max_lr is None or not (math.isfinite(max_lr) and max_lr > 0):
+            raise ValueError(f"One Cycle needs a positive finite max_lr, got {max_lr}")
         cycle = recipe.onecycle
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=max_lr or recipe.lr,
+            max_lr=max_lr,
             epochs=recipe.epochs,
             steps_per_epoch=steps_per_epoch,
             pct_start=cycle.pct_start(recipe.epochs),  # peak at the end of epoch `peak_epoch`
@@ -135,7 +81,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
     raise ValueError(f"unknown scheduler {recipe.scheduler!r}; expected 'onecycle' or 'plateau'")
 
 
-def steps_per_batch(scheduler) -> bool:
+def is_per_batch(scheduler) -> bool:
     """True for schedules stepped every batch (One Cycle), False for per-epoch ones (Plateau)."""
     return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
 
@@ -152,20 +98,20 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     scaler.update()
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    criterion: nn.Module, device: torch.device, runtime: Runtime = Runtime(),
-                    scheduler=None, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = True, desc: str = "train") -> dict[str, float]:
-    """One pass over the loader; returns mean loss, accuracy, seconds and images."""
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                    runtime: Runtime = FP32_CPU, scheduler=None,
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR."""
     model.train()
-    scaler = scaler or runtime.scaler(device)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    scaler = scaler or runtime.scaler()
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen, start, lr = 0, time.perf_counter(), optimizer.param_groups[0]["lr"]
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
-        images, labels = _to_device(images, labels, device, runtime)
-        with runtime.autocast(device):
+        images, labels = runtime.to_device(images, labels)
+        with runtime.autocast():
             logits = model(images)
             loss = criterion(logits, labels)
         optimizer_step(loss, optimizer, scaler)
@@ -184,17 +130,17 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             runtime: Runtime = Runtime(), progress: bool = True) -> dict[str, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy over the loader."""
+def evaluate(model: nn.Module, loader, runtime: Runtime = FP32_CPU,
+             progress: bool = True) -> dict[str, float]:
+    """Mean cross-entropy WITHOUT label smoothing, and accuracy, over the loader."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
     for images, labels in tqdm(loader, desc="test", leave=False, disable=not progress,
                                dynamic_ncols=True):
-        images, labels = _to_device(images, labels, device, runtime)
-        with runtime.autocast(device):
+        images, labels = runtime.to_device(images, labels)
+        with runtime.autocast():
             logits = model(images)
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -207,25 +153,22 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that belongs to a different run."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """A checkpoint that cannot be read or written, or that belongs to a different run."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Save a training state atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Save a training state atomically; a failed write says why and how to continue."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        folder = Path(path).parent
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        cause = ("the disk is full" if free < 256 * 2**20 else
+                 "the folder is not writable" if not os.access(folder, os.W_OK) else str(err))
+        raise CheckpointError(
+            f"could not write checkpoint {str(path)!r}: {cause} ({free / 2**30:.1f} GiB free); "
+            f"free space or fix the folder, then run the same command to resume from epoch "
+            f"{state['epoch'] - 1}") from err
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
@@ -233,10 +176,91 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}; delete it or pass "
+                              "--no-resume (notebook: RESUME=0) to start over") from err
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{str(path)!r} is not a training checkpoint of this project")
     return state
+
+
+def read_resume_state(checkpoint_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The state in `checkpoint_dir/last.pt`, or None when there is none."""
+    if checkpoint_dir is None:
+        return None
+    last = Path(checkpoint_dir) / "last.pt"
+    return load_checkpoint(last) if last.exists() else None
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _field_defaults(cls, prefix: str = "") -> dict[str, Any]:
+    """The default of every (nested) dataclass field that has one, as dotted keys."""
+    hints = typing.get_type_hints(cls)
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints.get(f.name)):  # nested settings: their fields' defaults
+            defaults.update(_field_defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            defaults[prefix + f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[prefix + f.name] = f.default_factory()
+    return defaults
+
+
+# Analysis settings and the range test's own settings do not change what training does.
+NOT_TRAINING = ("recipe.num_misclassified", "recipe.gradcam_layer", "recipe.lr_finder.")
+
+
+def recipe_signature(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's fields that training depends on, as dotted keys."""
+    flat = _flatten({"recipe": dataclasses.asdict(recipe)})
+    return {k: v for k, v in flat.items() if not k.startswith(NOT_TRAINING)}
+
+
+def data_signature(train_loader: DataLoader, test_loader: DataLoader) -> dict[str, Any]:
+    """What the data contributes: content fingerprints, sizes, steps, seed and augmentation streams."""
+    train_set, test_set = train_loader.dataset, test_loader.dataset
+    return {"data.train_size": len(train_set), "data.test_size": len(test_set),
+            "data.steps_per_epoch": len(train_loader),
+            "data.train_fingerprint": getattr(train_set, "fingerprint", None),
+            "data.test_fingerprint": getattr(test_set, "fingerprint", None),
+            "data.augment_streams": getattr(train_set, "STREAMS", None),
+            "seed": getattr(train_set, "seed", getattr(train_loader.sampler, "seed", None))}
+
+
+def training_signature(recipe: Recipe, max_lr: float | None, train_loader: DataLoader,
+                       test_loader: DataLoader) -> dict[str, Any]:
+    """Everything a resumed run must share with the run that wrote the checkpoint."""
+    return recipe_signature(recipe) | {"max_lr": max_lr} | data_signature(train_loader, test_loader)
+
+
+def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose signature differs from `expected` on any key `expected` holds.
+
+    A key the checkpoint lacks (a recipe field added later) matches when `expected` holds that
+    field's default, which is by construction the behaviour the older run had.
+    """
+    saved = state.get("signature", {})
+    defaults = _flatten({"recipe": _field_defaults(Recipe)})
+    differences = []
+    for key, value in expected.items():
+        old = saved.get(key, defaults.get(key, "<missing>")) if key not in saved else saved[key]
+        if old != value:
+            differences.append(f"{key.removeprefix('recipe.')} {old!r} -> {value!r}")
+    if differences:
+        raise CheckpointError(
+            f"{str(path)!r} was written by a run with other settings ({'; '.join(differences)}); "
+            "resume with the same settings, pass --no-resume (notebook: RESUME=0) to start over, "
+            "or choose another output folder")
 
 
 # ----------------------------------------------------------------------------- fit
@@ -244,39 +268,55 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
 
 @dataclass
 class FitResult:
-    """What `fit` returns: the per-epoch history and where the checkpoints are."""
+    """What `fit` returns: the per-epoch history, the best accuracy and how the run went."""
 
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     best_acc: float
     max_lr: float | None
     checkpoint_dir: str | None
     resumed_from_epoch: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # this call only
+    lr_finder: dict[str, Any] | None = None  # the range test that chose max_lr, kept across resumes
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
+
+    @property
+    def finished(self) -> bool:
+        """True once the history holds every epoch of the recipe."""
+        return bool(self.history) and self.history[-1]["epoch"] >= self.total_epochs
+
+    total_epochs: int = 0
 
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe,
-        device: torch.device, runtime: Runtime = Runtime(), max_lr: float | None = None,
+        runtime: Runtime = FP32_CPU, max_lr: float | None = None,
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
-        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None,
+        lr_finder: dict[str, Any] | None = None) -> FitResult:
     """Train for `recipe.epochs` epochs, evaluating after each; checkpoint and resume if asked."""
-    model = runtime.prepare(model, device)
+    model = runtime.prepare(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
-    scaler = runtime.scaler(device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    scaler = runtime.scaler()
+    criterion = build_criterion(recipe)
     step_model = torch.compile(model) if runtime.compile else model
-    history: list[dict[str, float]] = []
+    signature = training_signature(recipe, max_lr, train_loader, test_loader)
+    history: list[dict[str, Any]] = []
+    sessions: list[dict[str, Any]] = []
     best_acc, start_epoch = -1.0, 0
     last = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if last is not None and resume and last.exists():
-        state = load_checkpoint(last, map_location=device)
-        _check_resumable(state, recipe, max_lr, data_signature(train_loader), last)
+    state = read_resume_state(checkpoint_dir) if resume else None
+    if state is not None:
+        check_resumable(state, signature, last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
             scaler.load_state_dict(state["scaler"])
         history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
+        sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
+    if start_epoch < recipe.epochs:
+        sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
+                                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
                   initial=start_epoch, total=recipe.epochs, dynamic_ncols=True)
@@ -284,17 +324,18 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         for holder in (train_loader.sampler, train_loader.dataset):
             if hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
-        train = train_one_epoch(step_model, train_loader, optimizer, criterion, device, runtime,
-                                scheduler if steps_per_batch(scheduler) else None, scaler,
+        train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
+                                scheduler if is_per_batch(scheduler) else None, scaler,
                                 progress, desc=f"epoch {epoch + 1}")
-        test = evaluate(step_model, test_loader, device, runtime, progress)
-        if not steps_per_batch(scheduler):
+        test = evaluate(step_model, test_loader, runtime, progress)
+        if not is_per_batch(scheduler):
             scheduler.step(test["acc"])
         row = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"],
                "train_acc": train["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                "train_seconds": train["seconds"], "test_seconds": test["seconds"],
-               "train_images": train["images"], "test_images": test["images"]}
-        history.append(row)
+               "train_images": train["images"], "test_images": test["images"],
+               "session": len(sessions) - 1}
+        history = history + [row]
         epochs.set_postfix(train_acc=f"{train['acc']:.3f}", test_acc=f"{test['acc']:.4f}")
         improved = test["acc"] > best_acc
         best_acc = max(best_acc, test["acc"])
@@ -302,213 +343,14 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch + 1, "history": history, "best_acc": best_acc,
-                     "max_lr": max_lr, "recipe": dataclasses.asdict(recipe),
-                     "data": data_signature(train_loader)}
-            save_checkpoint(last, state)
+                     "max_lr": max_lr, "signature": signature, "lr_finder": lr_finder,
+                     "sessions": sessions}
+            # best before last: a kill between the two leaves last.pt behind, and the resumed
+            # run redoes that epoch and rewrites best.pt with the same weights.
             if improved:
                 save_checkpoint(last.with_name("best.pt"), state)
+            save_checkpoint(last, state)
         if on_epoch_end is not None:
             on_epoch_end(row)
     return FitResult(history, best_acc, max_lr, str(checkpoint_dir) if checkpoint_dir else None,
-                     start_epoch, time.perf_counter() - began)
-
-
-def data_signature(train_loader: DataLoader) -> dict[str, Any]:
-    """What a resumed run must share with the one that wrote the checkpoint, data-wise."""
-    return {"train_size": len(train_loader.dataset), "steps_per_epoch": len(train_loader),
-            "seed": getattr(train_loader.sampler, "seed", None)}
-
-
-def checkpoint_max_lr(checkpoint_dir: str | os.PathLike) -> float | None:
-    """The max LR the run in `checkpoint_dir` started with; None without a checkpoint.
-
-    A resumed run keeps it: on a GPU the LR range test is not bit-exact, and fit() refuses to
-    resume with another LR.
-    """
-    last = Path(checkpoint_dir) / "last.pt"
-    return load_checkpoint(last)["max_lr"] if last.exists() else None
-
-
-def _check_resumable(state: dict, recipe: Recipe, max_lr: float | None, data: dict[str, Any],
-                     path: Path) -> None:
-    """Refuse to resume a checkpoint written by a different recipe, LR, data size or seed."""
-    saved = state.get("recipe", {})
-    mismatched = [k for k, v in dataclasses.asdict(recipe).items() if saved.get(k) != v]
-    if state.get("max_lr") != max_lr:
-        mismatched.append("max_lr")
-    mismatched += [k for k, v in data.items() if state.get("data", {}).get(k) != v]
-    if mismatched:
-        raise CheckpointError(
-            f"{str(path)!r} was written with different settings ({', '.join(mismatched)}); "
-            "resume with the same settings, pass resume=False (CLI: --no-resume), "
-            "or choose another output folder"
-        )
-
-
-# ----------------------------------------------------------------------------- LR range test
-
-
-@dataclass
-class LRRangeResult:
-    """An LR sweep: the LRs tried, raw and smoothed losses, and the suggested max LR."""
-
-    lrs: list[float]
-    losses: list[float]  # exponentially smoothed (bias-corrected)
-    raw_losses: list[float]
-    suggested_lr: float
-    min_loss_lr: float
-    steepest_lr: float
-    rule: str
-
-
-def lr_range_test(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                  criterion: nn.Module, device: torch.device, start_lr: float = 1e-6,
-                  end_lr: float = 1.0, num_iter: int = 100, smooth: float = 0.05,
-                  diverge: float = 5.0, runtime: Runtime = Runtime(),
-                  progress: bool = True) -> LRRangeResult:
-    """Exponential LR sweep (Smith 2015); model and optimizer are restored afterwards.
-
-    Suggestion rule: a tenth of the LR at the smoothed loss's minimum. At the minimum the loss
-    is about to blow up; a tenth of it is the largest LR still well inside the stable region.
-    """
-    if num_iter < 2 or not 0 < start_lr < end_lr:
-        raise ValueError(f"need num_iter >= 2 and 0 < start_lr < end_lr, got {num_iter}, "
-                         f"{start_lr}, {end_lr}")
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_optimizer = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
-    model.train()
-    factor = (end_lr / start_lr) ** (1 / (num_iter - 1))
-    scaler = runtime.scaler(device)  # fp16 (T4) needs loss scaling here as much as in training
-    lrs, raw, smoothed, average, best = [], [], [], 0.0, math.inf
-    batches = _cycle(loader)
-    try:
-        for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not progress):
-            lr = start_lr * factor**i
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, labels = _to_device(*next(batches), device, runtime)
-            with runtime.autocast(device):
-                loss = criterion(model(images), labels)
-            optimizer_step(loss, optimizer, scaler)
-            value = loss.item()  # the sweep needs every loss on the host anyway
-            average = smooth * value + (1 - smooth) * average
-            current = average / (1 - (1 - smooth) ** (i + 1))
-            lrs.append(lr)
-            raw.append(value)
-            smoothed.append(current)
-            best = min(best, current)
-            if not math.isfinite(current) or current > diverge * best:
-                break
-    finally:
-        model.load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return _suggest(lrs, smoothed, raw)
-
-
-def _suggest(lrs: list[float], smoothed: list[float], raw: list[float]) -> LRRangeResult:
-    """Pick the suggested LR from a finished sweep."""
-    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
-    if len(finite) < 2:
-        raise RuntimeError("LR range test diverged at once; lower start_lr")
-    i_min = min(finite, key=lambda i: smoothed[i])
-    log_lr = np.log10(np.asarray(lrs)[finite])
-    slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)
-    steepest = lrs[finite[int(np.argmin(slopes[: max(finite.index(i_min), 1)]))]]
-    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] / 10, lrs[i_min], steepest,
-                         "a tenth of the LR at the minimum of the smoothed loss")
-
-
-def _cycle(loader: DataLoader):
-    """Endless iteration over a loader."""
-    while True:
-        yield from loader
-
-
-# ----------------------------------------------------------------------------- predictions
-
-
-@dataclass
-class Predictions:
-    """Model outputs on a loader in its order: softmax probabilities, predictions, labels."""
-
-    probs: np.ndarray
-    preds: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction predicted correctly."""
-        return float((self.preds == self.labels).mean())
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device,
-            runtime: Runtime = Runtime(), progress: bool = True) -> Predictions:
-    """Predictions on an unshuffled loader, in dataset order."""
-    if not isinstance(loader.sampler, torch.utils.data.SequentialSampler):
-        raise ValueError("predict needs an unshuffled loader (SequentialSampler) so that row i "
-                         f"is dataset item i; got {type(loader.sampler).__name__}")
-    model.eval()
-    probs, labels = [], []
-    for images, target in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        images, target = _to_device(images, target, device, runtime)
-        with runtime.autocast(device):
-            logits = model(images)
-        probs.append(logits.float().softmax(1).cpu())
-        labels.append(target.cpu())
-    p = torch.cat(probs).numpy()
-    return Predictions(p, p.argmax(1), torch.cat(labels).numpy())
-
-
-def select_misclassified(predictions: Predictions, n: int = 20) -> np.ndarray:
-    """Dataset indices of the n misclassified images the model was most confident about.
-
-    Rule: among images whose prediction is wrong, sort by the probability given to the wrong
-    class (highest first), ties broken by the lower index. Deterministic for given predictions.
-    """
-    wrong = np.flatnonzero(predictions.preds != predictions.labels)
-    confidence = predictions.probs[wrong, predictions.preds[wrong]]
-    order = np.lexsort((wrong, -confidence))
-    return wrong[order][:n]
-
-
-# ----------------------------------------------------------------------------- run metadata
-
-
-def run_metadata(device: torch.device) -> dict[str, Any]:
-    """Device, library versions and time, saved with every run."""
-    import albumentations
-    import torchvision
-
-    meta = {
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "albumentations": albumentations.__version__,
-        "numpy": np.__version__,
-    }
-    if device.type == "cuda":
-        meta.update(device_name=torch.cuda.get_device_name(device),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return meta
-
-
-def find_max_lr(model: nn.Module, train_loader: DataLoader, recipe: Recipe, device: torch.device,
-                runtime: Runtime = Runtime(), num_iter: int | None = None,
-                progress: bool = True) -> LRRangeResult:
-    """Run the recipe's LR range test with its optimizer and loss; the model is left untouched."""
-    model = runtime.prepare(model, device)
-    settings = recipe.lr_finder
-    optimizer = build_optimizer(model, recipe, settings.start_lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    return lr_range_test(model, train_loader, optimizer, criterion, device, settings.start_lr,
-                         settings.end_lr, num_iter or settings.num_iter, settings.smooth,
-                         settings.diverge, runtime, progress)
+                     start_epoch, time.perf_counter() - began, lr_finder, sessions, recipe.epochs)

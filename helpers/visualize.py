@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .gradcam import overlay
+from .runtime import atomic_write
 
 
 def _grid(n: int, cols: int, cell: float = 1.6, extra_height: float = 0.0):
@@ -24,8 +25,6 @@ def _grid(n: int, cols: int, cell: float = 1.6, extra_height: float = 0.0):
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> str:
     """Save a figure as PNG atomically (temporary file, then rename); returns the path."""
-    from .train import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     return str(path)
 

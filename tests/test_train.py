@@ -10,35 +10,16 @@ from torch import nn
 from helpers import train
 from helpers.dataset import build_loaders, make_synthetic_cifar, summarize
 from helpers.recipes import S8, S10
-
-
-class TinyNet(nn.Module):
-    """conv -> ReLU -> global average pool -> linear: small enough for CPU tests."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
-        self.norm = nn.GroupNorm(1, 16)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.norm(self.features(x)).mean((2, 3)))
-
-
-def tiny_setup(recipe, n_train=320, n_test=160, batch=32, seed=0):
-    """Loaders over synthetic, learnable data, with no workers (deterministic and fast)."""
-    data = make_synthetic_cifar(n_train, n_test, seed=seed)
-    stats = summarize(data)
-    return build_loaders(data, recipe, stats.mean, stats.std, seed=seed, batch_size=batch,
-                         num_workers=0)
+from helpers.runtime import Runtime, atomic_write
+from tests.tiny import TinyNet, tiny_setup
 
 
 def test_fit_learns_a_separable_problem():
     recipe = S10.with_overrides(epochs=6)
     train_loader, test_loader = tiny_setup(recipe)
     torch.manual_seed(0)
-    result = train.fit(TinyNet(), train_loader, test_loader, recipe, torch.device("cpu"),
-                       max_lr=0.05, progress=False)
+    result = train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05,
+                       progress=False)
     history = result.history
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
@@ -97,8 +78,7 @@ def test_plateau_is_stepped_once_per_epoch(monkeypatch):
                         lambda self, metric: calls.append(metric) or original(self, metric))
     recipe = S8.with_overrides(epochs=3)
     train_loader, test_loader = tiny_setup(recipe, n_train=64, n_test=32)
-    result = train.fit(TinyNet(), train_loader, test_loader, recipe, torch.device("cpu"),
-                       progress=False)
+    result = train.fit(TinyNet(), train_loader, test_loader, recipe, progress=False)
     assert calls == [r["test_acc"] for r in result.history]
 
 
@@ -126,7 +106,7 @@ def test_failed_write_leaves_no_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        train.atomic_write(tmp_path / "out.json", explode)
+        atomic_write(tmp_path / "out.json", explode)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -143,7 +123,6 @@ class Interrupt(Exception):
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     recipe = S10.with_overrides(epochs=3)
-    device = torch.device("cpu")
 
     def run(checkpoint_dir, stop_after=None):
         train_loader, test_loader = tiny_setup(recipe, n_train=96, n_test=32)
@@ -155,7 +134,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
                 raise Interrupt
 
         try:
-            result = train.fit(model, train_loader, test_loader, recipe, device, max_lr=0.05,
+            result = train.fit(model, train_loader, test_loader, recipe, max_lr=0.05,
                                checkpoint_dir=checkpoint_dir, progress=False,
                                on_epoch_end=maybe_stop)
         except Interrupt:
@@ -178,59 +157,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 def test_resume_refuses_other_settings(tmp_path):
     recipe = S10.with_overrides(epochs=1)
     train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
-    device = torch.device("cpu")
-    train.fit(TinyNet(), train_loader, test_loader, recipe, device, max_lr=0.05,
-              checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="different settings.*epochs"):
-        train.fit(TinyNet(), train_loader, test_loader, recipe.with_overrides(epochs=2), device,
+    train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+              progress=False)
+    with pytest.raises(train.CheckpointError, match=r"other settings \(epochs 1 -> 2\)"):
+        train.fit(TinyNet(), train_loader, test_loader, recipe.with_overrides(epochs=2),
                   max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
-
-
-def test_lr_range_test_sweeps_exponentially_and_restores_state():
-    recipe = S10
-    train_loader, _ = tiny_setup(recipe, n_train=128, batch=16)
-    model = TinyNet()
-    optimizer = train.build_optimizer(model, recipe, lr=1e-3)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train.lr_range_test(model, train_loader, optimizer, nn.CrossEntropyLoss(),
-                                 torch.device("cpu"), 1e-4, 10.0, num_iter=60, progress=False)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), "weights restored"
-    assert optimizer.state_dict()["state"] == {} and optimizer.param_groups[0]["lr"] == 1e-3
-    assert all(p.grad is None for p in model.parameters())
-    ratios = np.diff(np.log(result.lrs))
-    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
-    assert result.lrs[0] == pytest.approx(1e-4)
-    assert len(result.lrs) < 60, "an LR up to 10 diverges and the sweep stops early"
-    assert result.suggested_lr == pytest.approx(result.min_loss_lr / 10)
-    assert result.min_loss_lr == result.lrs[int(np.argmin(result.losses))]
-    assert result.losses[int(np.argmin(result.losses))] < result.losses[0]
-
-
-def test_select_misclassified_rule():
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8]])
-    predictions = train.Predictions(probs, probs.argmax(1), np.array([0, 0, 0, 1, 0]))
-    # wrong: 1 (0.8), 2 (0.6), 3 (0.7), 4 (0.8); most confident first, ties by index
-    assert train.select_misclassified(predictions, 3).tolist() == [1, 4, 3]
-    assert train.select_misclassified(predictions, 20).tolist() == [1, 4, 3, 2]
-    assert predictions.accuracy == pytest.approx(0.2)
-
-
-def test_predict_keeps_dataset_order_and_refuses_shuffled_loaders():
-    train_loader, test_loader = tiny_setup(S10, n_train=32, n_test=40, batch=8)
-    predictions = train.predict(TinyNet(), test_loader, torch.device("cpu"), progress=False)
-    np.testing.assert_array_equal(predictions.labels, test_loader.dataset.labels)
-    np.testing.assert_allclose(predictions.probs.sum(1), 1, rtol=1e-5)
-    with pytest.raises(ValueError, match="unshuffled"):
-        train.predict(TinyNet(), train_loader, torch.device("cpu"), progress=False)
-
-
-def test_pick_device_and_runtime_on_cpu():
-    assert train.pick_device("cpu").type == "cpu"
-    runtime = train.Runtime.for_device(torch.device("cpu"))
-    assert runtime == train.Runtime() and not runtime.scaler(torch.device("cpu")).is_enabled()
-    meta = train.run_metadata(torch.device("cpu"))
-    assert {"torch", "device", "time_utc", "albumentations"} <= meta.keys()
 
 
 def test_recipes_hold_the_assignment_values():
@@ -248,41 +179,121 @@ def stop_after_one_epoch(model, loaders, recipe, checkpoint_dir):
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        train.fit(model, *loaders, recipe, torch.device("cpu"), max_lr=0.05,
-                  checkpoint_dir=checkpoint_dir, progress=False, on_epoch_end=interrupt)
-
-
-@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
-                                               ((9, 0), torch.bfloat16)])
-def test_cuda_runtime_uses_bf16_only_where_it_is_native(monkeypatch, capability, dtype):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    runtime = train.Runtime.for_device(torch.device("cuda"))
-    assert runtime.amp_dtype == dtype and runtime.channels_last
-    assert train.Runtime.for_device(torch.device("cuda"), fast=False) == train.Runtime()
+        train.fit(model, *loaders, recipe, max_lr=0.05, checkpoint_dir=checkpoint_dir,
+                  progress=False, on_epoch_end=interrupt)
 
 
 def test_resume_refuses_another_data_size(tmp_path):
     recipe = S10.with_overrides(epochs=2)
-    device = torch.device("cpu")
-    loaders = tiny_setup(recipe, n_train=64, n_test=16)
+    stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=64, n_test=16), recipe, tmp_path)
+    with pytest.raises(train.CheckpointError, match="data.train_size 64 -> 96"):
+        train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=16), recipe, max_lr=0.05,
+                  checkpoint_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 1}, "seed 0 -> 1"),
+    ({"n_test": 24}, "data.test_size 16 -> 24"),
+    ({"data_seed": 5}, "data.train_fingerprint"),  # other images of the same size
+])
+def test_resume_refuses_another_seed_or_other_data(tmp_path, change, message):
+    recipe = S10.with_overrides(epochs=2)
+    stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=64, n_test=16), recipe, tmp_path)
+    seed, data_seed = change.get("seed", 0), change.get("data_seed", change.get("seed", 0))
+    data = make_synthetic_cifar(64, change.get("n_test", 16), seed=data_seed)
+    stats = summarize(data)
+    loaders = build_loaders(data, recipe, stats.mean, stats.std, seed=seed, batch_size=32, num_workers=0)
+    with pytest.raises(train.CheckpointError, match=message):
+        train.fit(TinyNet(), *loaders, recipe, max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_resume_ignores_analysis_settings_and_accepts_fields_added_later(tmp_path):
+    recipe = S10.with_overrides(epochs=2)
+    loaders = tiny_setup(recipe, n_train=32, n_test=16)
     stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
-    with pytest.raises(train.CheckpointError, match="train_size, steps_per_epoch"):
-        train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=16), recipe, device,
-                  max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+    state = train.load_checkpoint(tmp_path / "last.pt")
+    # An older checkpoint, written before the recipe had `augment.shift_limit`: its default is the
+    # behaviour that run had, so the field's absence is no difference.
+    del state["signature"]["recipe.augment.shift_limit"]
+    train.save_checkpoint(tmp_path / "last.pt", state)
+    other_analysis = dataclasses.replace(recipe, num_misclassified=5, gradcam_layer="layer3")
+    result = train.fit(TinyNet(), *loaders, other_analysis, max_lr=0.05, checkpoint_dir=tmp_path,
+                       progress=False)
+    assert result.resumed_from_epoch == 1 and len(result.history) == 2
+    with pytest.raises(train.CheckpointError, match="augment.shift_limit 0.0 -> 0.1"):
+        shifted = dataclasses.replace(recipe, augment=dataclasses.replace(recipe.augment, shift_limit=0.1))
+        train.fit(TinyNet(), *loaders, shifted, max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_best_checkpoint_holds_the_best_epoch_and_is_written_before_last(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=4)
+    written = []
+    original = train.save_checkpoint
+    def recording(path, state):
+        written.append((path.name, state["epoch"]))
+        original(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", recording)
+    result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=48), recipe, max_lr=0.05,
+                       checkpoint_dir=tmp_path, progress=False)
+    best_epoch = max(result.history, key=lambda r: (r["test_acc"], -r["epoch"]))["epoch"]
+    best = train.load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == best_epoch and best["best_acc"] == result.best_acc
+    assert best["history"] == result.history[:best_epoch]
+    for epoch in range(1, 5):
+        names = [name for name, e in written if e == epoch]
+        assert names[-1] == "last.pt" and names[:-1] in ([], ["best.pt"])
+
+
+def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypatch):
+    def full_disk(state, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
+    recipe = S10.with_overrides(epochs=2)
+    with pytest.raises(train.CheckpointError, match="the disk is full .* resume from epoch 0"):
+        train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, max_lr=0.05,
+                  checkpoint_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == [], "no partial checkpoint left"
+
+
+def test_evaluate_reports_plain_cross_entropy_without_label_smoothing():
+    recipe = S10.with_overrides(label_smoothing=0.3)
+    _, test_loader = tiny_setup(recipe, n_train=32, n_test=40, batch=8)
+    model = TinyNet().eval()
+    with torch.no_grad():
+        images = torch.stack([test_loader.dataset[i][0] for i in range(40)])
+        logits = model(images)
+    labels = torch.as_tensor(test_loader.dataset.labels)
+    result = train.evaluate(model, test_loader, progress=False)
+    assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    smoothed = nn.functional.cross_entropy(logits, labels, label_smoothing=0.3).item()
+    assert abs(result["loss"] - smoothed) > 1e-3, "the smoothed loss differs, so the check can fail"
+    assert result["acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
 
 
 def test_resume_from_a_run_without_loss_scaling_into_one_with_it(tmp_path):
     # bf16 or CPU runs save an empty scaler state; an fp16 session (a T4) must still resume.
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     recipe = S10.with_overrides(epochs=2)
-    device = torch.device("cpu")
     stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=32, n_test=16), recipe, tmp_path)
     assert train.load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
 
-    class Fp16Like(train.Runtime):
-        def scaler(self, device):
+    class Fp16Like(Runtime):
+        def scaler(self):
             return scaler
 
-    result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, device,
-                       Fp16Like(), max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+    result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, Fp16Like(),
+                       max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
+    assert [s["from_epoch"] for s in result.sessions] == [0, 1]
+    assert [r["session"] for r in result.history] == [0, 1]
+
+
+def test_one_cycle_refuses_a_missing_or_non_positive_max_lr():
+    optimizer = train.build_optimizer(nn.Linear(2, 2), S10)
+    for bad in (None, 0.0, -0.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite max_lr"):
+            train.build_scheduler(optimizer, S10, 10, bad)

@@ -5,9 +5,10 @@ import torch
 from matplotlib.figure import Figure
 
 from helpers import visualize
+from helpers.analysis import Predictions
 from helpers.dataset import get_transforms, make_synthetic_cifar, summarize
+from helpers.lr_finder import LRRangeResult
 from helpers.recipes import S10
-from helpers.train import LRRangeResult, Predictions
 
 
 def shown(fig: Figure) -> list:

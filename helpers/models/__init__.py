@@ -7,10 +7,12 @@ from collections.abc import Callable
 from torch import nn
 
 from .custom_resnet import CustomResNet
+from .dilated_dwsep_net import DilatedDWSepNet
 from .resnet import NORMS, ResNet18, ResNet34, make_norm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "custom_resnet": CustomResNet,
+    "dilated_dwsep_net": DilatedDWSepNet,
     "resnet18": ResNet18,
     "resnet34": ResNet34,
 }
@@ -31,6 +33,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "MODELS", "NORMS", "CustomResNet", "ResNet18", "ResNet34",
+    "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18", "ResNet34",
     "count_parameters", "create_model", "make_norm",
 ]

@@ -1,0 +1,58 @@
+"""After training: predictions on the unshuffled test set and the misclassified selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler
+from tqdm.auto import tqdm
+
+from .runtime import FP32_CPU, Runtime
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a loader in its order: softmax probabilities, predictions, labels."""
+
+    probs: np.ndarray
+    preds: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction predicted correctly."""
+        return float((self.preds == self.labels).mean())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, runtime: Runtime = FP32_CPU,
+            progress: bool = True) -> Predictions:
+    """Predictions on an unshuffled loader, in dataset order."""
+    if not isinstance(loader.sampler, SequentialSampler):
+        raise ValueError("predict needs an unshuffled loader (SequentialSampler) so that row i "
+                         f"is dataset item i; got {type(loader.sampler).__name__}")
+    model.eval()
+    probs, labels = [], []
+    for images, target in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        images, target = runtime.to_device(images, target)
+        with runtime.autocast():
+            logits = model(images)
+        probs.append(logits.float().softmax(1).cpu())
+        labels.append(target.cpu())
+    p = torch.cat(probs).numpy()
+    return Predictions(p, p.argmax(1), torch.cat(labels).numpy())
+
+
+def select_misclassified(predictions: Predictions, n: int = 20) -> np.ndarray:
+    """Dataset indices of the n misclassified images the model was most confident about.
+
+    Rule: among images whose prediction is wrong, sort by the probability given to the wrong
+    class (highest first), ties broken by the lower index. Deterministic for given predictions.
+    """
+    wrong = np.flatnonzero(predictions.preds != predictions.labels)
+    confidence = predictions.probs[wrong, predictions.preds[wrong]]
+    order = np.lexsort((wrong, -confidence))
+    return wrong[order][:n]

@@ -1,0 +1,103 @@
+"""The LR range test (Smith 2015): an exponential LR sweep, and the max LR it suggests."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .recipes import Recipe
+from .runtime import FP32_CPU, Runtime
+from .train import build_criterion, build_optimizer, optimizer_step
+
+RULE = "a tenth of the LR at the minimum of the smoothed loss"
+
+
+@dataclass
+class LRRangeResult:
+    """An LR sweep: the LRs tried, raw and smoothed losses, and the suggested max LR."""
+
+    lrs: list[float]
+    losses: list[float]  # exponentially smoothed (bias-corrected)
+    raw_losses: list[float]
+    suggested_lr: float
+    min_loss_lr: float
+    steepest_lr: float
+    rule: str = RULE
+
+    def as_dict(self) -> dict:
+        """Plain values, for checkpoints and metrics.json."""
+        return asdict(self)
+
+
+def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime: Runtime = FP32_CPU,
+                  num_iter: int | None = None, progress: bool = True) -> LRRangeResult:
+    """Sweep the LR exponentially with the recipe's optimizer and loss; the weights are restored after.
+
+    The model is moved to the runtime's device and layout in place (as `fit` would); its weights
+    and train/eval mode are put back as they were, so training starts from the same initial state.
+    """
+    settings = recipe.lr_finder
+    num_iter = num_iter or settings.num_iter
+    if num_iter < 2:
+        raise ValueError(f"the LR range test needs at least 2 iterations, got {num_iter}")
+    model = runtime.prepare(model)
+    saved = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    optimizer = build_optimizer(model, recipe, settings.start_lr)
+    criterion = build_criterion(recipe)
+    scaler = runtime.scaler()  # fp16 (T4) needs loss scaling here as much as in training
+    factor = (settings.end_lr / settings.start_lr) ** (1 / (num_iter - 1))
+    lrs, raw, smoothed, average, best = [], [], [], 0.0, math.inf
+    batches = _cycle(loader)
+    model.train()
+    try:
+        for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not progress):
+            lr = settings.start_lr * factor**i
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, labels = runtime.to_device(*next(batches))
+            with runtime.autocast():
+                loss = criterion(model(images), labels)
+            optimizer_step(loss, optimizer, scaler)
+            value = loss.item()  # the sweep needs every loss on the host anyway
+            average = settings.smooth * value + (1 - settings.smooth) * average
+            current = average / (1 - (1 - settings.smooth) ** (i + 1))
+            lrs.append(lr)
+            raw.append(value)
+            smoothed.append(current)
+            best = min(best, current)
+            if not math.isfinite(current) or current > settings.diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return suggest_lr(lrs, smoothed, raw)
+
+
+def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float]) -> LRRangeResult:
+    """Apply the rule to a finished sweep: a tenth of the LR where the smoothed loss is lowest.
+
+    At the minimum the loss is about to blow up; a tenth of it is the largest LR still well inside
+    the stable region. The steepest descent is reported for comparison.
+    """
+    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
+    if len(finite) < 2:
+        raise RuntimeError("the LR range test diverged at once; lower the recipe's lr_finder.start_lr")
+    i_min = min(finite, key=lambda i: smoothed[i])
+    log_lr = np.log10(np.asarray(lrs)[finite])
+    slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)
+    steepest = lrs[finite[int(np.argmin(slopes[: max(finite.index(i_min), 1)]))]]
+    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] / 10, lrs[i_min], steepest)
+
+
+def _cycle(loader: DataLoader):
+    """Endless iteration over a loader."""
+    while True:
+        yield from loader

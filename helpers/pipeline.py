@@ -1,0 +1,427 @@
+"""The run as a few plain functions, walked by the CLI, the notebooks and the benchmarks alike:
+
+    settings -> start_run -> load_run_data -> build_run_loaders -> build_run_model
+             -> resolve_max_lr -> train_run -> analyse -> record_run
+
+`run_recipe(settings)` walks all of them headless and writes metrics.json and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import visualize
+from .analysis import Predictions, predict, select_misclassified
+from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, load_data, summarize
+from .gradcam import explain_items
+from .lr_finder import LRRangeResult, lr_range_test
+from .models import count_parameters, create_model
+from .recipes import RECIPES, Recipe, get_recipe
+from .runtime import (
+    Runtime,
+    atomic_write,
+    pick_device,
+    remove_stale_temporaries,
+    run_metadata,
+    seed_everything,
+)
+from .train import CheckpointError, FitResult, check_resumable, fit, read_resume_state, recipe_signature
+
+
+class SettingsError(ValueError):
+    """A run setting that cannot work; the message says what was expected and what to do."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that chooses a run; the CLI flags and the notebooks' CIFAR_* variables map onto it."""
+
+    recipe: str
+    data_dir: str | None = "data"
+    download: bool = False
+    mirrors: str | None = None  # CIFAR-10 archive URLs (spaces or commas); None: CIFAR10_URLS or built-in
+    synthetic: bool = False
+    epochs: int | None = None
+    batch_size: int | None = None
+    max_lr: float | None = None
+    lr_finder_iters: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
+    seed: int = 0
+    device: str | None = None
+    workers: int | None = None
+    plain: bool = False
+    compile: bool = False
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject impossible values at once, with one line that says what to pass instead."""
+        if self.recipe.lower() not in RECIPES:
+            raise SettingsError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
+        for name in ("epochs", "batch_size", "train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SettingsError(f"{name} must be a positive integer, got {value}")
+        if self.lr_finder_iters is not None and self.lr_finder_iters < 2:
+            raise SettingsError(f"lr_finder_iters must be at least 2, got {self.lr_finder_iters}")
+        if self.max_lr is not None:
+            if not (math.isfinite(self.max_lr) and self.max_lr > 0):
+                raise SettingsError(f"max_lr must be a positive finite number, got {self.max_lr}")
+            if get_recipe(self.recipe).scheduler != "onecycle":
+                raise SettingsError(f"max_lr applies to One Cycle recipes only; {self.recipe} "
+                                    "trains from its recipe's LR")
+        if not 0 <= self.seed < 2**32:
+            raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.workers is not None and self.workers < 0:
+            raise SettingsError(f"workers must be 0 or more, got {self.workers}")
+        if not self.synthetic and not self.data_dir:
+            raise SettingsError("no data folder given; pass data_dir (or synthetic for a smoke run)")
+
+    @property
+    def out_dir(self) -> Path:
+        """The run folder: checkpoints, metrics.json and figures."""
+        return Path((self.out or "runs/{recipe}").format(recipe=self.recipe.lower()))
+
+    def mirror_list(self) -> list[str] | None:
+        """The mirror URLs as a list, or None for the default (CIFAR10_URLS, then built-in)."""
+        return self.mirrors.replace(",", " ").split() if self.mirrors else None
+
+    def recipe_object(self) -> Recipe:
+        """The recipe with this run's epoch and batch-size overrides."""
+        return get_recipe(self.recipe).with_overrides(epochs=self.epochs, batch_size=self.batch_size)
+
+    @property
+    def is_full_run(self) -> bool:
+        """True when nothing shortens the assignment: real data, all of it, the recipe's settings."""
+        recipe = get_recipe(self.recipe)
+        return (not self.synthetic and self.train_subset is None and self.test_subset is None
+                and self.epochs in (None, recipe.epochs) and self.batch_size in (None, recipe.batch_size)
+                and self.lr_finder_iters in (None, recipe.lr_finder.num_iter) and self.max_lr is None)
+
+    @classmethod
+    def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:
+        """Settings for a notebook: `defaults`, overridden by CIFAR_<FIELD> variables (CIFAR_EPOCHS, ...)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {"recipe": recipe} | defaults
+        for f in fields(cls):
+            raw = env.get(f"CIFAR_{f.name.upper()}", "").strip()
+            if f.name != "recipe" and raw:
+                values[f.name] = _parse(f.name, raw, f.type)
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: str) -> Any:
+    """A CIFAR_* variable's text as the field's type, with a one-line error for bad text."""
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        return raw
+    except ValueError:
+        expected = kind.split(" ")[0]
+        raise SettingsError(f"CIFAR_{name.upper()}={raw!r} is not a valid {expected}") from None
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Run:
+    """A started run: its settings, recipe, runtime, folder and the checkpoint it resumes (if any)."""
+
+    settings: RunSettings
+    recipe: Recipe
+    runtime: Runtime
+    out: Path
+    resume_state: dict[str, Any] | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def resumed_epoch(self) -> int:
+        """Epochs already finished by earlier executions (0 for a fresh run)."""
+        return self.resume_state["epoch"] if self.resume_state else 0
+
+    def say(self, message: str) -> None:
+        """One line of progress for the reader (stdout, flushed: headless logs show it at once)."""
+        print(message, flush=True)
+
+
+def start_run(settings: RunSettings) -> Run:
+    """Check the environment, pick the runtime and find a checkpoint to resume, before any real work."""
+    recipe = settings.recipe_object()
+    if not settings.synthetic:
+        check_data_dir(settings.data_dir, settings.download)
+    device = pick_device(settings.device)
+    runtime = Runtime.for_device(device, fast=not settings.plain, compile=settings.compile)
+    out = settings.out_dir
+    _check_writable(out)
+    removed = remove_stale_temporaries(out)
+    state = read_resume_state(out) if settings.resume else None
+    if state is not None:
+        # What can be checked without the data is checked now, before minutes of loading.
+        check_resumable(state, recipe_signature(recipe) | {"seed": settings.seed}, out / "last.pt")
+    seed_everything(settings.seed)
+    run = Run(settings, recipe, runtime, out, state)
+    if removed:
+        run.say(f"removed {len(removed)} temporary file(s) a killed run left in {out}/")
+    run.say(f"run: {recipe.name}, {runtime.describe()}, seed {settings.seed}, folder {out}/")
+    if state is None:
+        run.say(f"starting from epoch 0 of {recipe.epochs}")
+    elif state["epoch"] >= recipe.epochs:
+        run.say(f"run already finished ({state['epoch']} of {recipe.epochs} epochs in {out}/last.pt):"
+                " nothing to train; loading its weights for the analysis")
+    else:
+        run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs} ({out}/last.pt)")
+    return run
+
+
+def _check_writable(out: Path) -> None:
+    """The run folder can be written (or created) there, or a one-line error now; nothing is created."""
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"output folder {str(out)!r} is a file; pass another folder (--out)")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise SettingsError(f"cannot create output folder {str(out)!r}: {str(existing)!r} is a file")
+    try:  # a real write: os.access says yes on a read-only filesystem mounted for root
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise SettingsError(f"cannot write into {str(existing)!r} for output folder {str(out)!r}: "
+                            f"{err.strerror or err}; pass a writable folder (--out)") from None
+
+
+def load_run_data(run: Run) -> tuple[CifarArrays, DataSummary]:
+    """The dataset (or its seeded subsets) and its summary; mean and std come from the train set."""
+    s = run.settings
+    data = load_data(s.data_dir, s.download, s.train_subset, s.test_subset, s.seed, s.synthetic,
+                     s.mirror_list(), s.progress)
+    summary = summarize(data)
+    skipped = ", ".join(f"{n} {suffix}" for suffix, n in data.skipped.items())
+    run.say(f"data: {data.source}, {len(data.train_labels):,} train / {len(data.test_labels):,} test"
+            + (f"; skipped files that are not images: {skipped}" if skipped else ""))
+    return data, summary
+
+
+def build_run_loaders(run: Run, data: CifarArrays, summary: DataSummary) -> tuple[DataLoader, DataLoader]:
+    """Train (augmented, seeded shuffle) and test (in order) loaders for the run."""
+    s = run.settings
+    workers = 0 if s.plain and s.workers is None else s.workers
+    return build_loaders(data, run.recipe, summary.mean, summary.std, run.runtime.device, s.seed,
+                         num_workers=workers, fast=not s.plain)
+
+
+def build_run_model(run: Run) -> nn.Module:
+    """The recipe's model, initialised from the run's seed (the same weights whenever it is built)."""
+    seed_everything(run.settings.seed)
+    model = create_model(run.recipe.model, **run.recipe.model_kwargs)
+    run.say(f"model: {run.recipe.model} {run.recipe.model_kwargs}, {count_parameters(model):,} parameters")
+    return model
+
+
+@dataclass
+class MaxLR:
+    """The One Cycle peak and where it came from: the range test, the checkpoint or the settings."""
+
+    value: float | None
+    source: str  # "range test", "checkpoint", "settings", "recipe", "recipe (no One Cycle)"
+    finder: LRRangeResult | None = None
+
+
+def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxLR:
+    """The run's max LR: a resumed run keeps its own; else --max-lr; else the LR range test."""
+    if run.recipe.scheduler != "onecycle":
+        return MaxLR(None, "recipe (no One Cycle)")
+    state = run.resume_state
+    if state is not None:
+        finder = state.get("lr_finder")
+        result = MaxLR(state["max_lr"], "checkpoint", LRRangeResult(**finder) if finder else None)
+        run.say(f"max LR {result.value:.3e} from the checkpoint (no new range test)")
+        return result
+    if run.settings.max_lr is not None:
+        return MaxLR(run.settings.max_lr, "settings")
+    if run.recipe.onecycle.max_lr is not None:
+        return MaxLR(run.recipe.onecycle.max_lr, "recipe")
+    finder = lr_range_test(model, train_loader, run.recipe, run.runtime, run.settings.lr_finder_iters,
+                           run.settings.progress)
+    run.say(f"LR range test: {len(finder.lrs)} steps, minimum at {finder.min_loss_lr:.3e}, "
+            f"max LR {finder.suggested_lr:.3e} ({finder.rule})")
+    return MaxLR(finder.suggested_lr, "range test", finder)
+
+
+def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
+              max_lr: MaxLR) -> FitResult:
+    """`fit` with the run's checkpoints and resume; one printed line per epoch."""
+    finder = max_lr.finder.as_dict() if max_lr.finder else None
+    return fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
+               checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
+               on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder)
+
+
+def format_epoch(row: dict[str, Any]) -> str:
+    """One line per epoch, so a headless log shows progress even without bars."""
+    return (f"epoch {row['epoch']:>3}  lr {row['lr']:.2e}  train loss {row['train_loss']:.3f} "
+            f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.3f} "
+            f"acc {100 * row['test_acc']:.2f}%  ({row['train_seconds'] + row['test_seconds']:.1f} s)")
+
+
+@dataclass
+class Analysis:
+    """Test predictions, the misclassified selection, and GradCAM on the same images."""
+
+    predictions: Predictions
+    indices: np.ndarray  # dataset indices of the misclassified images shown, most confident first
+    cams: torch.Tensor  # GradCAM for the predicted class, [n, 32, 32], same order as `indices`
+    cams_true: torch.Tensor  # GradCAM for the true class, same images
+
+
+def analyse(model: nn.Module, test_loader: DataLoader, recipe: Recipe, runtime: Runtime,
+            progress: bool = True) -> Analysis:
+    """Predict the test set, pick the most confident mistakes, explain them (predicted and true class)."""
+    predictions = predict(model, test_loader, runtime, progress)
+    indices = select_misclassified(predictions, recipe.num_misclassified)
+    explain = {"channels_last": runtime.channels_last}
+    cams = explain_items(model, recipe.gradcam_layer, test_loader.dataset, indices, **explain)
+    targets = torch.as_tensor(predictions.labels[indices])
+    cams_true = explain_items(model, recipe.gradcam_layer, test_loader.dataset, indices, targets, **explain)
+    return Analysis(predictions, indices, cams, cams_true)
+
+
+# ----------------------------------------------------------------------------- figures and record
+
+
+def data_figures(data: CifarArrays, summary: DataSummary, train_loader: DataLoader) -> dict[str, Figure]:
+    """Samples per class, class distribution and augmentation preview."""
+    return {"samples": visualize.plot_samples(data.train_images, data.train_labels, data.classes),
+            "class_distribution": visualize.plot_class_distribution(
+                summary.train_counts, summary.test_counts, data.classes),
+            "augmentations": visualize.plot_augmented(
+                data.train_images, train_loader.dataset.transform, summary.mean, summary.std)}
+
+
+def result_figures(data: CifarArrays, result: FitResult, analysis: Analysis,
+                   max_lr: MaxLR) -> dict[str, Figure]:
+    """LR range test (when there was one), history, misclassified images and both GradCAM grids."""
+    figures = {}
+    if max_lr.finder is not None:
+        figures["lr_finder"] = visualize.plot_lr_finder(max_lr.finder)
+    if result.history:
+        figures["history"] = visualize.plot_history(result.history)
+    if len(analysis.indices):
+        p, i = analysis.predictions, analysis.indices
+        figures["misclassified"] = visualize.plot_misclassified(data.test_images, i, p, data.classes)
+        figures["gradcam"] = visualize.plot_gradcam(data.test_images, analysis.cams, i, p, data.classes)
+        figures["gradcam_true"] = visualize.plot_gradcam(data.test_images, analysis.cams_true, i, p,
+                                                         data.classes, explained="true")
+    return figures
+
+
+def data_copy(source: str) -> str:
+    """Which copy of CIFAR-10 a data source is: 'jpeg-copy', 'image-folder', 'original' or 'synthetic'."""
+    kind, _, where = source.partition(":")
+    if kind == "image-folder":
+        return "jpeg-copy" if next(Path(where).glob("train/*/*.jp*g"), None) else "image-folder"
+    return {"torchvision": "original"}.get(kind, "synthetic")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysis,
+               max_lr: MaxLR) -> dict[str, Any]:
+    """Everything a reader needs to trust the numbers: results, speed, device, versions, settings."""
+    history = result.history
+    train_images = sum(r["train_images"] for r in history)
+    train_seconds = sum(r["train_seconds"] for r in history)
+    test_images = sum(r["test_images"] for r in history)
+    test_seconds = sum(r["test_seconds"] for r in history)
+    return _finite({
+        "recipe": run.recipe.name,
+        "full_run": run.settings.is_full_run,
+        "final_test_acc": history[-1]["test_acc"] if history else None,
+        "best_test_acc": result.best_acc if history else None,
+        "epochs": len(history),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "resumes": max(len(result.sessions) - 1, 0),
+        "sessions": result.sessions,
+        "max_lr": max_lr.value,
+        "max_lr_source": max_lr.source,
+        "lr_finder": None if max_lr.finder is None else {
+            k: v for k, v in max_lr.finder.as_dict().items() if k not in ("lrs", "losses", "raw_losses")
+        } | {"iterations": len(max_lr.finder.lrs)},
+        "training_seconds": train_seconds + test_seconds,  # summed over every session
+        "train_images_per_second": train_images / train_seconds if train_seconds else None,
+        "eval_images_per_second": test_images / test_seconds if test_seconds else None,
+        "wall_seconds": time.perf_counter() - run.started,  # this execution only
+        "misclassified_indices": [int(i) for i in analysis.indices],
+        "predict_acc": analysis.predictions.accuracy,
+        "data": {"source": data.source, "copy": data_copy(data.source),
+                 "train": int(len(data.train_labels)), "test": int(len(data.test_labels))},
+        "runtime": run.runtime.as_dict(),
+        "metadata": run_metadata(run.runtime),
+        "settings": asdict(run.settings),
+        "command": " ".join(["python -m helpers"] + sys.argv[1:]) if "helpers" in sys.argv[0] else None,
+        "history": history,
+    })
+
+
+def save_json(path: str | os.PathLike, value: Any) -> None:
+    """Write JSON atomically (never NaN: non-finite numbers become null)."""
+    text = json.dumps(_finite(value), indent=2, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def run_recipe(settings: RunSettings) -> dict[str, Any]:
+    """The whole run headless: every step above, then metrics.json and the figures in the run folder."""
+    run = start_run(settings)
+    data, summary = load_run_data(run)
+    train_loader, test_loader = build_run_loaders(run, data, summary)
+    model = build_run_model(run)
+    figures = data_figures(data, summary, train_loader)
+    max_lr = resolve_max_lr(run, model, train_loader)
+    result = train_run(run, model, train_loader, test_loader, max_lr)
+    analysis = analyse(model, test_loader, run.recipe, run.runtime, settings.progress)
+    figures |= result_figures(data, result, analysis, max_lr)
+    for name, fig in figures.items():
+        visualize.save_figure(fig, run.out / f"{name}.png")
+    record = run_record(run, data, result, analysis, max_lr)
+    save_json(run.out / "metrics.json", record)
+    run.say(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
+            f"{100 * record['best_test_acc']:.2f}%), {record['wall_seconds']:.0f} s; wrote {run.out}/")
+    return record
+
+
+__all__ = [
+    "Analysis", "CheckpointError", "MaxLR", "Run", "RunSettings", "SettingsError", "analyse",
+    "build_run_loaders", "build_run_model", "data_copy", "data_figures", "format_epoch",
+    "load_run_data", "resolve_max_lr", "result_figures", "run_record", "run_recipe",
+    "save_json", "start_run", "train_run",
+]

@@ -1,0 +1,204 @@
+"""How a run uses the machine: device, seeds, mixed precision and memory layout, run metadata and
+atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class DeviceError(ValueError):
+    """A device was asked for that this machine does not have."""
+
+
+def available_devices() -> list[str]:
+    """The device types this machine can run on, best first."""
+    found = ["cuda"] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        found.append("mps")
+    return found + ["cpu"]
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The named device if this machine has it, else the best available (CUDA, MPS, CPU)."""
+    if not name:
+        return torch.device(available_devices()[0])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}; expected cuda, mps or cpu") from None
+    if device.type not in available_devices():
+        hint = " (in Colab: Runtime > Change runtime type > T4 GPU)" if device.type == "cuda" else ""
+        raise DeviceError(f"device {name!r} is not available on this machine{hint}; "
+                          f"available: {', '.join(available_devices())}")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not emulated."""
+    # Emulated bf16 is ~25x slower than fp32 here (measured on an AVX2-only EPYC: 1.8 vs 48 img/s).
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device and how a run uses it: autocast dtype, memory layout, compilation."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, fast: bool = True, compile: bool = False) -> Runtime:
+        """bf16 + channels_last where the hardware runs bf16 natively; fp16 on older GPUs; else fp32."""
+        device = torch.device(device)
+        if not fast:
+            return cls(device)
+        if device.type == "cuda":
+            # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
+            # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.
+            native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+            return cls(device, torch.bfloat16 if native_bf16 else torch.float16, True, compile)
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return cls(device, torch.bfloat16, True, compile)
+        # fp32 CPU: channels_last measured slower than NCHW for these convnets (44 vs 48 img/s).
+        return cls(device, compile=compile)
+
+    def describe(self) -> str:
+        """One line for logs: device, precision, layout."""
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+        layout = "channels_last" if self.channels_last else "NCHW"
+        compiled = ", torch.compile" if self.compile else ""
+        return f"{self.device} {precision[self.amp_dtype]}, {layout}{compiled}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The runtime as plain JSON values."""
+        return {"device": str(self.device), "amp_dtype": str(self.amp_dtype).replace("torch.", ""),
+                "channels_last": self.channels_last, "compile": self.compile}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device in this runtime's memory layout."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self):
+        """Autocast context for the forward pass (a no-op in fp32)."""
+        dtype = self.amp_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 only (bf16 has fp32's range); its inf check syncs once a step."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-blocking copy of a batch, in this runtime's memory layout."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+FP32_CPU = Runtime()  # the default of functions that take a runtime: plain fp32 on the CPU
+
+
+# ----------------------------------------------------------------------------- run metadata
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name on Linux (e.g. 'AMD EPYC'), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(folder: str | os.PathLike | None = None) -> str | None:
+    """The checked-out commit of the repository holding this package (None outside a checkout)."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def run_metadata(runtime: Runtime) -> dict[str, Any]:
+    """Device, CPU, library versions, git commit and time, saved with every run."""
+    import albumentations
+    import torchvision
+
+    device = runtime.device
+    meta = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": str(device),
+        "device_name": cpu_model() if device.type == "cpu" else str(device),
+        "cpu": cpu_model(),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "runtime": runtime.describe(),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "albumentations": albumentations.__version__,
+        "numpy": np.__version__,
+    }
+    if device.type == "cuda":
+        meta.update(device_name=torch.cuda.get_device_name(device),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return meta
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete temporary files that a killed run left behind in `folder` (`.NAME.tmpPID`)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp*"):
+            pid = tmp.name.rpartition(".tmp")[2]
+            if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp.name)
+    return removed

@@ -1,0 +1,65 @@
+"""The runtime: device choice, precision by hardware, metadata, atomic files."""
+
+import os
+
+import pytest
+import torch
+
+from helpers import runtime as rt
+from helpers.runtime import DeviceError, Runtime, pick_device, remove_stale_temporaries, run_metadata
+
+
+def test_cpu_is_always_available_and_unknown_or_missing_devices_are_refused(monkeypatch):
+    assert pick_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device().type in ("cpu", "mps")
+    with pytest.raises(DeviceError, match="'cuda' is not available.*Change runtime type.*available: "):
+        pick_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device 'tpu9'"):
+        pick_device("tpu9")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_runtime_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native):
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    runtime = Runtime.for_device("cpu")
+    assert runtime.amp_dtype == (torch.bfloat16 if native else None)
+    assert runtime.channels_last == native and not runtime.scaler().is_enabled()
+    assert Runtime.for_device("cpu", fast=False) == Runtime(torch.device("cpu"))
+
+
+def test_bf16_cpu_runtime_runs_a_training_step_in_bf16(monkeypatch):
+    runtime = Runtime(torch.device("cpu"), torch.bfloat16, channels_last=True)
+    model = runtime.prepare(torch.nn.Conv2d(3, 4, 3))
+    assert model.weight.is_contiguous(memory_format=torch.channels_last)
+    images, _ = runtime.to_device(torch.randn(2, 3, 8, 8), torch.zeros(2))
+    with runtime.autocast():
+        out = model(images)
+    assert out.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
+    assert "bf16 autocast, channels_last" in runtime.describe()
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_cuda_runtime_uses_bf16_only_where_it_is_native(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    runtime = Runtime.for_device(torch.device("cuda"))
+    assert runtime.amp_dtype == dtype and runtime.channels_last
+    assert Runtime.for_device(torch.device("cuda"), fast=False) == Runtime(torch.device("cuda"))
+
+
+def test_run_metadata_names_the_machine_versions_and_commit():
+    meta = run_metadata(Runtime())
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    assert meta["cpu_count"] >= 1 and meta["runtime"] == Runtime().describe()
+    assert meta["git_commit"] is None or len(meta["git_commit"].split("+")[0]) == 40
+
+
+def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / ".last.pt.tmp99999").write_bytes(b"x")
+    (tmp_path / ".best.pt.tmp123").write_bytes(b"x")
+    mine = tmp_path / f".metrics.json.tmp{os.getpid()}"  # a write in progress in this process
+    mine.write_bytes(b"x")
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == [".best.pt.tmp123", ".last.pt.tmp99999"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "last.pt"])

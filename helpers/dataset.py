@@ -267,7 +267,10 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
         steps.append(A.HorizontalFlip(p=aug.hflip_p))
     if train and (aug.shift_limit or aug.scale_limit):
         # Uncovered borders take the dataset mean, which normalizes to ~0 (no signal).
-        steps.append(A.Affine(translate_percent=(-aug.shift_limit, aug.shift_limit),
+        # translate_px, not translate_percent: albumentations 2.0.8 truncates the percent to whole
+        # pixels, so +-6.25% of 32 px moved images by at most 1 px (checked on pixels), not 2.
+        shift = round(aug.shift_limit * 32)
+        steps.append(A.Affine(translate_px=(-shift, shift),
                               scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
                               rotate=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
@@ -387,16 +390,17 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def default_num_workers(device: torch.device | str) -> int:
-    """Loader workers: all cores but one on a GPU (up to 16), fewer on CPU where the model needs them.
+    """Loader workers: all cores but one on a GPU (up to 16); none on a CPU, where the model needs them.
 
-    One loader process augments about 5,000 images/s for S10 and 2,200-2,600 for S8 on the CPU
-    measured in benchmarks/results.md; a fast GPU trains several times faster than that, so a GPU
-    run wants every spare core.
+    One loader process augments 2,000-5,000 images/s (benchmarks/results.md). A GPU trains faster
+    than that, so a GPU run wants every spare core. On a 2-core CPU the model is the bottleneck
+    (S10 ~48, S8 ~36, S9 ~390 img/s in fp32): augmenting in the main process costs 1-17% there,
+    and a worker process would take that time from the model's two threads anyway.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.device(device).type == "cuda":
         return max(2, min(cores - 1, 16))
-    return min(2, max(cores - 1, 0))
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def make_loader(

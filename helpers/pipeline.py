@@ -62,6 +62,7 @@ class RunSettings:
     train_subset: int | None = None
     test_subset: int | None = None
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
+    images_dir: str | None = None  # also save the figures there, as <recipe>_<figure>.png
     seed: int = 0
     device: str | None = None
     workers: int | None = None
@@ -194,6 +195,35 @@ def start_run(settings: RunSettings) -> Run:
     else:
         run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs} ({out}/last.pt)")
     return run
+
+
+def run_info(run: Run) -> dict[str, str]:
+    """What a reader of the outputs must know: machine, versions, data, recipe, full or shortened, resumed."""
+    s, meta = run.settings, run_metadata(run.runtime)
+    state = run.resume_state
+    if state is None:
+        trained = "starts from scratch in this execution"
+    else:
+        earlier = ", ".join(f"from epoch {x['from_epoch']} on {x['runtime']} ({x.get('machine', '?')}, "
+                            f"{x['time_utc']})" for x in state.get("sessions", []))
+        seconds = sum(r["train_seconds"] + r["test_seconds"] for r in state["history"])
+        trained = (f"RESUMED: {state['epoch']} of {run.recipe.epochs} epochs were trained in earlier "
+                   f"executions ({earlier}; {seconds / 60:.0f} min of training)")
+    return {
+        "time (UTC)": meta["time_utc"], "device": f"{meta['device_name']} ({run.runtime.describe()})",
+        "cpu": f"{meta['cpu']}, {meta['cpu_count']} cores, {meta['torch_threads']} torch threads",
+        "versions": f"python {meta['python']}, torch {meta['torch']}, torchvision {meta['torchvision']}, "
+                    f"albumentations {meta['albumentations']}",
+        "git commit": str(meta["git_commit"]),
+        "data": "synthetic images" if s.synthetic else f"{s.data_dir} (download={s.download}), train "
+                f"subset {s.train_subset or 'all'}, test subset {s.test_subset or 'all'}",
+        "recipe": f"{run.recipe.name}: {run.recipe.model} {run.recipe.model_kwargs}, {run.recipe.epochs} "
+                  f"epochs, batch {run.recipe.batch_size}, seed {s.seed}",
+        "run": "full assignment run" if s.is_full_run else
+               "SHORTENED RUN (smoke settings): the numbers below are not the assignment's results",
+        "training": trained,
+        "outputs": f"checkpoints and metrics in {run.out}/" + (f", figures in {s.images_dir}/" if s.images_dir else ""),
+    }
 
 
 def _check_writable(out: Path) -> None:
@@ -399,6 +429,22 @@ def save_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def finish_run(run: Run, data: CifarArrays, result: FitResult, analysis: Analysis, max_lr: MaxLR,
+               figures: dict[str, Figure]) -> dict[str, Any]:
+    """Write metrics.json and every figure into the run folder (and images_dir); return the record."""
+    for name, fig in figures.items():
+        visualize.save_figure(fig, run.out / f"{name}.png")
+        if run.settings.images_dir:
+            visualize.save_figure(fig, Path(run.settings.images_dir) / f"{run.recipe.name}_{name}.png")
+    record = run_record(run, data, result, analysis, max_lr)
+    save_json(run.out / "metrics.json", record)
+    if record["final_test_acc"] is not None:
+        run.say(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
+                f"{100 * record['best_test_acc']:.2f}%); wrote {run.out}/metrics.json and "
+                f"{len(figures)} figures")
+    return record
+
+
 def run_recipe(settings: RunSettings) -> dict[str, Any]:
     """The whole run headless: every step above, then metrics.json and the figures in the run folder."""
     run = start_run(settings)
@@ -410,18 +456,12 @@ def run_recipe(settings: RunSettings) -> dict[str, Any]:
     result = train_run(run, model, train_loader, test_loader, max_lr)
     analysis = analyse(model, test_loader, run.recipe, run.runtime, settings.progress)
     figures |= result_figures(data, result, analysis, max_lr)
-    for name, fig in figures.items():
-        visualize.save_figure(fig, run.out / f"{name}.png")
-    record = run_record(run, data, result, analysis, max_lr)
-    save_json(run.out / "metrics.json", record)
-    run.say(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
-            f"{100 * record['best_test_acc']:.2f}%), {record['wall_seconds']:.0f} s; wrote {run.out}/")
-    return record
+    return finish_run(run, data, result, analysis, max_lr, figures)
 
 
 __all__ = [
     "Analysis", "CheckpointError", "MaxLR", "Run", "RunSettings", "SettingsError", "analyse",
-    "build_run_loaders", "build_run_model", "data_copy", "data_figures", "format_epoch",
+    "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run", "format_epoch",
     "load_run_data", "resolve_max_lr", "result_figures", "run_record", "run_recipe",
     "save_json", "start_run", "train_run",
 ]

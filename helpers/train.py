@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .recipes import Recipe
-from .runtime import FP32_CPU, Runtime, atomic_write
+from .runtime import FP32_CPU, Runtime, atomic_write, cpu_model
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -278,13 +278,7 @@ class FitResult:
     wall_seconds: float = 0.0  # this call only
     lr_finder: dict[str, Any] | None = None  # the range test that chose max_lr, kept across resumes
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
-
-    @property
-    def finished(self) -> bool:
-        """True once the history holds every epoch of the recipe."""
-        return bool(self.history) and self.history[-1]["epoch"] >= self.total_epochs
-
-    total_epochs: int = 0
+    setup: dict[str, str] = field(default_factory=dict)  # the optimizer, schedule and loss fit built
 
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe,
@@ -316,6 +310,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
     if start_epoch < recipe.epochs:
         sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
+                                "machine": cpu_model() if runtime.device.type == "cpu" else str(runtime.device),
                                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
@@ -353,4 +348,27 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         if on_epoch_end is not None:
             on_epoch_end(row)
     return FitResult(history, best_acc, max_lr, str(checkpoint_dir) if checkpoint_dir else None,
-                     start_epoch, time.perf_counter() - began, lr_finder, sessions, recipe.epochs)
+                     start_epoch, time.perf_counter() - began, lr_finder, sessions,
+                     describe_setup(optimizer, scheduler, criterion, len(train_loader)))
+
+
+def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
+                   steps_per_epoch: int) -> dict[str, str]:
+    """What fit trained with, in words: the optimizer, the schedule's settings and the loss."""
+    group = optimizer.param_groups[0]
+    optim = (f"{type(optimizer).__name__}(" + ", ".join(
+        f"{k}={group[k]}" for k in ("momentum", "nesterov", "betas", "eps") if k in group)
+        + f"; weight decay {group['weight_decay']:g} on {len(group['params'])} conv/linear weights, "
+        f"0 on the {len(optimizer.param_groups[1]['params'])} norm and bias tensors)")
+    if is_per_batch(scheduler):
+        schedule = (f"OneCycleLR stepped every batch ({scheduler.total_steps} steps, "
+                    f"{steps_per_epoch} per epoch): {group['initial_lr']:.3e} -> peak "
+                    f"{group['max_lr']:.3e} at step {round(scheduler._schedule_phases[0]['end_step']) + 1} "
+                    f"(end of epoch {(scheduler._schedule_phases[0]['end_step'] + 1) / steps_per_epoch:g}) "
+                    f"-> {group['min_lr']:.3e}, linear, {len(scheduler._schedule_phases)} phases")
+    else:
+        schedule = (f"ReduceLROnPlateau on test accuracy, stepped every epoch: factor {scheduler.factor:g},"
+                    f" patience {scheduler.patience}, threshold {scheduler.threshold:g} (abs), "
+                    f"min LR {scheduler.min_lrs[0]:g}")
+    loss = f"{type(criterion).__name__}(label_smoothing={getattr(criterion, 'label_smoothing', 0.0)})"
+    return {"optimizer": optim, "schedule": schedule, "loss": loss}

@@ -1,82 +1,167 @@
-"""The headless command: it runs end to end, writes its files, resumes, and refuses bad input."""
+"""The headless command: it runs end to end, writes its files, resumes, and refuses bad input
+with one line and exit status 2 before any work."""
 
 import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers.__main__ import main, parse_args
+from helpers import pipeline, train
+from helpers.__main__ import main
 
 TINY = ["--synthetic", "--epochs", "1", "--batch-size", "32", "--train-subset", "64",
         "--test-subset", "40", "--no-progress", "--workers", "0"]
 
 
-def test_s10_run_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
-    out = tmp_path / "s10"
-    assert main(["train", "--recipe", "s10", "--lr-finder-iters", "5", "--out", str(out)] + TINY) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["recipe"] == "s10" and metrics["epochs"] == 1
-    assert metrics["lr_finder"]["iterations"] <= 5 and metrics["max_lr"] > 0
-    assert 0 <= metrics["final_test_acc"] <= 1 and metrics["train_images_per_second"] > 0
-    assert metrics["data"] == {"source": "synthetic(seed=0)", "train": 64, "test": 40}
-    assert metrics["metadata"]["device"] == "cpu" and metrics["args"]["recipe"] == "s10"
-    assert len(metrics["history"]) == 1 and len(metrics["misclassified_indices"]) <= 20
+@pytest.fixture(scope="module")
+def s10_run(tmp_path_factory):
+    """One finished tiny S10 run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("cli") / "s10"
+    args = ["train", "--recipe", "s10", "--lr-finder-iters", "5", "--out", str(out)] + TINY
+    assert main(args) == 0
+    return out, args, json.loads((out / "metrics.json").read_text())
+
+
+def test_a_run_writes_metrics_checkpoints_and_figures(s10_run):
+    out, _, metrics = s10_run
+    assert metrics["recipe"] == "s10" and metrics["epochs"] == 1 and not metrics["full_run"]
+    assert metrics["lr_finder"]["iterations"] <= 5 and metrics["max_lr_source"] == "range test"
+    assert metrics["max_lr"] == metrics["lr_finder"]["suggested_lr"] > 0
+    assert metrics["final_test_acc"] == metrics["history"][-1]["test_acc"] == metrics["predict_acc"]
+    assert metrics["data"] == {"source": "synthetic(seed=0)", "copy": "synthetic", "train": 64, "test": 40}
+    assert metrics["metadata"]["device"] == "cpu" and metrics["settings"]["recipe"] == "s10"
+    assert metrics["resumes"] == 0 and len(metrics["sessions"]) == 1
     names = {p.name for p in out.iterdir()}
     assert {"metrics.json", "last.pt", "best.pt", "samples.png", "class_distribution.png",
             "augmentations.png", "lr_finder.png", "history.png"} <= names
     if metrics["misclassified_indices"]:
-        assert {"misclassified.png", "gradcam.png"} <= names
+        assert {"misclassified.png", "gradcam.png", "gradcam_true.png"} <= names
     assert not [n for n in names if n.startswith(".")], "no temporary files left"
-    assert "final test accuracy" in capsys.readouterr().out
 
 
-def test_s8_run_skips_the_range_test_and_resumes(tmp_path):
+def test_a_rerun_keeps_the_checkpoint_lr_and_range_test_and_trains_nothing(s10_run, monkeypatch):
+    out, args, first = s10_run
+    (out / "lr_finder.png").unlink()
+    monkeypatch.setattr(pipeline, "lr_range_test", lambda *a, **k: pytest.fail("range test rerun"))
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained again"))
+    assert main(args) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["max_lr"] == first["max_lr"] and again["max_lr_source"] == "checkpoint"
+    assert again["lr_finder"] == first["lr_finder"] and (out / "lr_finder.png").exists()
+    assert again["history"] == first["history"] and again["resumed_from_epoch"] == 1
+
+
+def test_a_killed_run_resumes_and_counts_its_sessions(tmp_path, monkeypatch):
     out = tmp_path / "s8"
-    args = ["train", "--recipe", "s8", "--out", str(out)] + TINY
+    args = ["train", "--recipe", "s8", "--out", str(out)] + [a if a != "1" else "2" for a in TINY]
+    original = train.save_checkpoint
+
+    def killed_after_first_epoch(path, state):
+        original(path, state)
+        if path.name == "last.pt" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_first_epoch)
+    assert main(args) == 130
+    monkeypatch.setattr(train, "save_checkpoint", original)
+    (out / ".last.pt.tmp999999").write_bytes(b"left by a SIGKILL")
     assert main(args) == 0
-    first = json.loads((out / "metrics.json").read_text())
-    assert first["lr_finder"] is None and "lr_finder.png" not in {p.name for p in out.iterdir()}
-    assert main(args) == 0  # the finished checkpoint is found and nothing is retrained
-    again = json.loads((out / "metrics.json").read_text())
-    assert again["resumed_from_epoch"] == 1 and again["history"] == first["history"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1 and metrics["resumes"] == 1
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
+    assert not (out / ".last.pt.tmp999999").exists()
+    assert metrics["lr_finder"] is None and "lr_finder.png" not in {p.name for p in out.iterdir()}
 
 
-def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
-    code = main(["train", "--recipe", "s10", "--data-dir", str(tmp_path / "nope"),
-                 "--out", str(tmp_path / "o"), "--max-lr", "0.01"])
-    assert code == 2
-    assert "does not exist and download is off" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists(), "nothing half-written"
+def test_ctrl_c_is_one_line_with_where_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "fit", interrupt)
+    assert main(["train", "--recipe", "s8", "--out", str(tmp_path / "o")] + TINY) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted; no epoch was saved yet; run the same command to resume"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--recipe", "s8", "--max-lr", "0.1"], "One Cycle recipes only"),
-    (["train", "--recipe", "s10", "--epochs", "0"], "--epochs must be a positive integer"),
-    (["train", "--recipe", "s11"], "invalid choice"),
+@pytest.mark.parametrize("flags, message", [
+    (["--max-lr", "0"], "max_lr must be a positive finite number, got 0.0"),
+    (["--max-lr", "-0.01"], "max_lr must be a positive finite number"),
+    (["--max-lr", "nan"], "max_lr must be a positive finite number, got nan"),
+    (["--max-lr", "inf"], "max_lr must be a positive finite number, got inf"),
+    (["--lr-finder-iters", "1"], "lr_finder_iters must be at least 2, got 1"),
+    (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**32)], "seed must be in [0, 2**32)"),
+    (["--workers", "-1"], "workers must be 0 or more, got -1"),
+    (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+    (["--device", "cuda"], "device 'cuda' is not available on this machine"),
 ])
-def test_bad_arguments_exit_with_a_message(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    assert main(["train", "--recipe", "s10", "--synthetic", "--out", str(out)] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists(), "nothing was written"
 
 
-def test_s10_resume_keeps_the_checkpoint_lr(tmp_path, monkeypatch, capsys):
-    # On a GPU the range test is not bit-exact: a rerun must not depend on it repeating itself.
-    from helpers import train
-
-    out = tmp_path / "s10"
-    args = ["train", "--recipe", "s10", "--lr-finder-iters", "5", "--out", str(out)] + TINY
-    assert main(args) == 0
-    first = json.loads((out / "metrics.json").read_text())
-    monkeypatch.setattr(train, "find_max_lr", lambda *a, **k: pytest.fail("range test rerun"))
-    assert main(args) == 0
-    again = json.loads((out / "metrics.json").read_text())
-    assert again["max_lr"] == first["max_lr"] and again["resumed_from_epoch"] == 1
-    assert "from the checkpoint" in capsys.readouterr().out
+def test_max_lr_on_a_plateau_recipe_is_refused(capsys):
+    assert main(["train", "--recipe", "s8", "--synthetic", "--max-lr", "0.1"]) == 2
+    assert "max_lr applies to One Cycle recipes only" in capsys.readouterr().err
 
 
-def test_resume_with_other_data_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("where, message", [
+    ("data-file", "is a file; pass the folder that holds train/"),
+    ("missing", "does not exist and download is off"),
+    ("out-file", "output folder .* is a file"),
+])
+def test_bad_folders_are_one_line_errors(tmp_path, capsys, where, message):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    data = {"data-file": afile, "missing": tmp_path / "nope"}.get(where, tmp_path)
+    out = afile if where == "out-file" else tmp_path / "o"
+    assert main(["train", "--recipe", "s10", "--data-dir", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_data_is_refused_before_training(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s8"
     assert main(["train", "--recipe", "s8", "--out", str(out)] + TINY) == 0
-    other = [a if a != "64" else "96" for a in TINY]  # another train subset size
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
+    other = [a if a != "40" else "48" for a in TINY]  # another test subset size
     assert main(["train", "--recipe", "s8", "--out", str(out)] + other) == 2
-    assert "different settings (train_size, steps_per_epoch)" in capsys.readouterr().err
+    assert "data.test_size 40 -> 48" in capsys.readouterr().err
+
+
+def test_another_recipe_in_a_run_folder_is_refused_before_the_range_test(s10_run, capsys, monkeypatch):
+    out, _, _ = s10_run
+    monkeypatch.setattr(pipeline, "load_run_data", lambda *a, **k: pytest.fail("data loaded"))
+    assert main(["train", "--recipe", "s9", "--out", str(out)] + TINY) == 2
+    assert "name 's10' -> 's9'" in capsys.readouterr().err
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_without_any_reachable_copy_is_one_line(tmp_path, capsys, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+        monkeypatch.setenv("CIFAR10_URLS", url)
+        code = main(["train", "--recipe", "s10", "--data-dir", str(tmp_path / "data"), "--download",
+                     "--out", str(tmp_path / "o"), "--no-progress"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "HTTP 404" in err and "--data-dir" in err
+    assert not any((tmp_path / "data").glob("*.tar.gz*"))

@@ -19,7 +19,7 @@ from helpers.dataset import (
     make_synthetic_cifar,
     summarize,
 )
-from helpers.recipes import S8, S10, Augment
+from helpers.recipes import S8, S9, S10, Augment
 
 MEAN = (0.5, 0.25, 0.75)
 STD = (0.2, 0.3, 0.4)
@@ -89,11 +89,11 @@ def hole_mask(out: np.ndarray, mean=MEAN) -> np.ndarray:
     return (out == np.round(255 * np.array(mean)).astype(np.uint8)).all(-1)
 
 
-@pytest.mark.parametrize("recipe, side", [(S10, 8), (S8, 16)])
+@pytest.mark.parametrize("recipe, side", [(S10, 8), (S8, 16), (S9, 16)])
 def test_cutout_alone_is_exactly_one_square_hole_filled_with_the_mean(recipe, side):
     image = np.full((32, 32, 3), 200, np.uint8)
-    outs = draws(get_transforms(only(recipe, cutout_size=recipe.augment.cutout_size), True,
-                                MEAN, STD), image)
+    outs = draws(get_transforms(only(recipe, cutout_size=recipe.augment.cutout_size, cutout_p=1.0),
+                                True, MEAN, STD), image)
     corners = set()
     for out in outs:
         mask = hole_mask(out)
@@ -302,9 +302,9 @@ def test_persistent_workers_follow_the_epoch():
 
 def test_default_workers(monkeypatch):
     monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert dataset.default_num_workers("cuda") == 15 and dataset.default_num_workers("cpu") == 2
+    assert dataset.default_num_workers("cuda") == 15 and dataset.default_num_workers("cpu") == 4
     monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert dataset.default_num_workers("cuda") == 2 and dataset.default_num_workers("cpu") == 1
+    assert dataset.default_num_workers("cuda") == 2 and dataset.default_num_workers("cpu") == 0
 
 
 def crop_shift(out: np.ndarray, image: np.ndarray) -> tuple[int, int]:
@@ -342,3 +342,100 @@ def test_s8_rotation_does_not_follow_the_crop():
         angles.append(bar_angle(out))
         heights.append(np.average(np.arange(32), weights=out.astype(float).mean((1, 2)) + 1e-9))
     assert abs(np.corrcoef(angles, heights)[0, 1]) < 0.2
+
+
+def test_augmentation_and_shuffle_streams_never_repeat_across_seeds_epochs_and_images():
+    firsts = {}
+    for seed in range(3):
+        for epoch in range(12):
+            for index in range(60):
+                key = tuple(dataset.augment_stream(seed, epoch, index).generate_state(4))
+                assert key not in firsts, f"{(seed, epoch, index)} repeats {firsts[key]}"
+                firsts[key] = (seed, epoch, index)
+    # The old arithmetic seed * 1_000_003 + epoch * 100_003 + index made these two the same stream.
+    a = dataset.augment_stream(0, 10, 5).generate_state(4)
+    b = dataset.augment_stream(1, 0, 5 + 27).generate_state(4)
+    assert not np.array_equal(a, b)
+    shuffles = {dataset.shuffle_seed(seed, epoch) for seed in range(20) for epoch in range(50)}
+    assert len(shuffles) == 1000 and all(0 <= s < 2**63 for s in shuffles)
+
+
+def test_hidden_entries_are_skipped_and_other_files_counted(tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(folder / "0.png")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()  # Jupyter makes these
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"AppleDouble, not an image")
+    (tmp_path / "train" / "__MACOSX").mkdir()
+    (tmp_path / "train" / "cat" / "1.webp").write_bytes(b"RIFF")
+    (tmp_path / "test" / "dog" / "notes.txt").write_text("x")
+    data = load_cifar10(tmp_path)
+    assert data.classes == ("cat", "dog") and len(data.train_labels) == 2
+    assert data.skipped == {".txt": 1, ".webp": 1}
+
+
+def test_unlistable_folder_is_a_data_error(tmp_path, monkeypatch):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    original = type(tmp_path).iterdir
+
+    def refuse(self):
+        if self.name == "train":
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", refuse)
+    with pytest.raises(DataError, match="cannot list .*train.*Permission denied"):
+        load_cifar10(tmp_path)
+
+
+def dot_centroid(out: np.ndarray) -> np.ndarray:
+    """(y, x) centroid of the bright pixels of an image."""
+    weight = out.astype(float).mean(-1)
+    weight = np.where(weight > 128, weight, 0)
+    yy, xx = np.mgrid[:32, :32]
+    return np.array([(weight * yy).sum(), (weight * xx).sum()]) / weight.sum()
+
+
+def test_s9_shift_scale_rotate_stays_within_the_recipe_ranges():
+    aug = S9.augment
+    ssr = only(S9, shift_limit=aug.shift_limit, scale_limit=aug.scale_limit, rotate_limit=aug.rotate_limit)
+    # shift: the centroid of a centred square moves at most shift_limit * 32 = 2 px on each axis
+    square = np.zeros((32, 32, 3), np.uint8)
+    square[12:20, 12:20] = 255
+    moves = np.array([dot_centroid(o) - dot_centroid(square)
+                      for o in draws(get_transforms(ssr, True, MEAN, STD), square, n=300)])
+    assert np.abs(moves).max() <= 32 * aug.shift_limit + 0.25
+    assert moves.min() < -1.5 and moves.max() > 1.5, "both directions, close to the limit"
+    # scale: the bright area of the square (shift and rotation keep it) grows or shrinks by the zoom^2
+    only_scale = only(S9, scale_limit=aug.scale_limit)
+    # a 20x20 square: its light (green, 255) summed away from the mean-filled borders is its area
+    big = np.zeros((32, 32, 3), np.uint8)
+    big[6:26, 6:26] = 255
+    areas = np.array([o[2:30, 2:30, 1].sum() / 255
+                      for o in draws(get_transforms(only_scale, True, MEAN, STD), big, n=300)]) / 400
+    assert areas.min() >= (1 - aug.scale_limit) ** 2 - 0.01 and areas.max() <= (1 + aug.scale_limit) ** 2 + 0.01
+    assert areas.min() < 0.85 and areas.max() > 1.15, "the zoom range is used"
+    # rotation: the angle of a bar stays within rotate_limit
+    bar = np.zeros((32, 32, 3), np.uint8)
+    bar[14:18, :, :] = 255
+    only_rotate = only(S9, scale_limit=1e-9, rotate_limit=aug.rotate_limit)  # Affine, no zoom
+    angles = [bar_angle(o) for o in draws(get_transforms(only_rotate, True, MEAN, STD), bar, n=300)]
+    assert max(abs(a) for a in angles) <= aug.rotate_limit + 0.3
+    assert min(angles) < -8 and max(angles) > 8
+
+
+def test_s9_pipeline_flips_half_the_time_and_cuts_one_16x16_mean_hole_half_the_time(random_image):
+    assert (S9.augment.hflip_p, S9.augment.cutout_size, S9.augment.cutout_p) == (0.5, 16, 0.5)
+    # (without the affine warp, whose mean-filled borders could touch the hole and blur the count)
+    outs = draws(get_transforms(only(S9, cutout_size=16, cutout_p=0.5), True, MEAN, STD), random_image, n=300)
+    holes = [full_squares(hole_mask(o), 16) for o in outs]
+    assert set(holes) == {0, 1} and all(full_squares(hole_mask(o), 17) == 0 for o in outs)
+    assert all((o == random_image).all() for o, h in zip(outs, holes) if not h), "no hole: untouched"
+    assert 0.4 < np.mean(holes) < 0.6
+    flips = draws(get_transforms(only(S9, hflip_p=0.5), True, MEAN, STD), random_image, n=300)
+    flipped = [np.array_equal(o, random_image[:, ::-1]) for o in flips]
+    assert all(f or np.array_equal(o, random_image) for f, o in zip(flipped, flips))
+    assert 0.4 < np.mean(flipped) < 0.6

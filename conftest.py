@@ -1,8 +1,8 @@
 """Shared fixtures, and smoke-mode settings for the notebooks run by nbval.
 
-The notebooks read their parameters from CIFAR_* environment variables; the kernels nbval starts
-inherit this process's environment, so setting defaults here shrinks every notebook run to a
-few minutes on a CPU. Values already set (by .ci/run or by hand) win.
+The notebooks read their settings with `RunSettings.from_env`, which takes CIFAR_<FIELD> variables;
+the kernels nbval starts inherit this process's environment, so setting defaults here shrinks every
+notebook run to a minute or two on a CPU. Values already set (by .ci/run or by hand) win.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ for key, value in {
     "CIFAR_TEST_SUBSET": "256",
     "CIFAR_BATCH_SIZE": "64",
     "CIFAR_LR_FINDER_ITERS": "12",
-    "CIFAR_OUT": os.path.join(_SMOKE_DIR, "runs"),
+    "CIFAR_OUT": os.path.join(_SMOKE_DIR, "runs", "{recipe}"),
     "CIFAR_IMAGES_DIR": os.path.join(_SMOKE_DIR, "images"),
     "CIFAR_DOWNLOAD": "0",
+    "CIFAR_PROGRESS": "0",
 }.items():
     os.environ.setdefault(key, value)
 if "CIFAR_DATA_DIR" not in os.environ:  # no real images given: synthetic ones

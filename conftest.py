@@ -18,11 +18,11 @@ import torch
 _SMOKE_DIR = tempfile.mkdtemp(prefix="cifar-smoke-")
 atexit.register(shutil.rmtree, _SMOKE_DIR, ignore_errors=True)  # after the last kernel is gone
 for key, value in {
-    "CIFAR_EPOCHS": "2",
-    "CIFAR_TRAIN_SUBSET": "512",
-    "CIFAR_TEST_SUBSET": "256",
-    "CIFAR_BATCH_SIZE": "64",
-    "CIFAR_LR_FINDER_ITERS": "12",
+    "CIFAR_EPOCHS": "1",
+    "CIFAR_TRAIN_SUBSET": "256",
+    "CIFAR_TEST_SUBSET": "128",
+    "CIFAR_BATCH_SIZE": "32",
+    "CIFAR_LR_FINDER_ITERS": "6",
     "CIFAR_OUT": os.path.join(_SMOKE_DIR, "runs", "{recipe}"),
     "CIFAR_IMAGES_DIR": os.path.join(_SMOKE_DIR, "images"),
     "CIFAR_DOWNLOAD": "0",

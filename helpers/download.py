@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -83,26 +84,17 @@ def mirror_urls(env: Mapping[str, str] = os.environ) -> list[str]:
     return urls or list(CIFAR10_MIRRORS)
 
 
-def download_cifar10(
-    root: str | os.PathLike,
-    urls: Sequence[str] | None = None,
-    md5: str = CIFAR10_MD5,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 30.0,
-    min_speed: float = 1e6,
-    speed_window: float = 15.0,
-    progress: bool = True,
-) -> Path:
-    """Make root/cifar-10-batches-py readable by torchvision's CIFAR10, fetching only what is missing."""
+def download_cifar10(root: str | os.PathLike, urls: Sequence[str] | None = None,
+                     md5: str = CIFAR10_MD5, cache_dir: str | os.PathLike | None = None,
+                     **options: Any) -> Path:
+    """Make root/cifar-10-batches-py readable by torchvision's CIFAR10, fetching only what is missing.
+
+    `options` are fetch_archive's keywords (timeouts, the speed watchdog, progress).
+    """
     root = Path(root).expanduser()
     if _extracted(root):
         return root
-    report = fetch_archive(
-        root, urls, md5, cache_dir, connect_timeout=connect_timeout, read_timeout=read_timeout,
-        min_speed=min_speed, speed_window=speed_window, progress=progress,
-    )
+    report = fetch_archive(root, urls, md5, cache_dir, **options)
     logger.info("CIFAR-10 archive from %s: %d bytes in %.1f s", report.url, report.bytes, report.seconds)
     extract_archive(root / CIFAR10_FILENAME, root)
     return root

@@ -222,7 +222,8 @@ def run_info(run: Run) -> dict[str, str]:
         "run": "full assignment run" if s.is_full_run else
                "SHORTENED RUN (smoke settings): the numbers below are not the assignment's results",
         "training": trained,
-        "outputs": f"checkpoints and metrics in {run.out}/" + (f", figures in {s.images_dir}/" if s.images_dir else ""),
+        "outputs": f"checkpoints and metrics in {run.out}/"
+                   + (f", figures in {s.images_dir}/" if s.images_dir else ""),
     }
 
 
@@ -276,6 +277,10 @@ class MaxLR:
     value: float | None
     source: str  # "range test", "checkpoint", "settings", "recipe", "recipe (no One Cycle)"
     finder: LRRangeResult | None = None
+
+    def __str__(self) -> str:
+        return f"max LR {self.value:.3e} (from the {self.source})" if self.value else \
+            "no max LR: the recipe's optimizer starts at its own LR (no One Cycle)"
 
 
 def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxLR:
@@ -461,7 +466,8 @@ def run_recipe(settings: RunSettings) -> dict[str, Any]:
 
 __all__ = [
     "Analysis", "CheckpointError", "MaxLR", "Run", "RunSettings", "SettingsError", "analyse",
-    "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run", "format_epoch",
+    "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run",
+    "format_epoch",
     "load_run_data", "resolve_max_lr", "result_figures", "run_record", "run_recipe",
     "save_json", "start_run", "train_run",
 ]

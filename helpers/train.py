@@ -310,7 +310,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
     if start_epoch < recipe.epochs:
         sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
-                                "machine": cpu_model() if runtime.device.type == "cpu" else str(runtime.device),
+                                "machine": cpu_model() if runtime.device.type == "cpu"
+                                else str(runtime.device),
                                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,

@@ -416,7 +416,8 @@ def test_s9_shift_scale_rotate_stays_within_the_recipe_ranges():
     big[6:26, 6:26] = 255
     areas = np.array([o[2:30, 2:30, 1].sum() / 255
                       for o in draws(get_transforms(only_scale, True, MEAN, STD), big, n=300)]) / 400
-    assert areas.min() >= (1 - aug.scale_limit) ** 2 - 0.01 and areas.max() <= (1 + aug.scale_limit) ** 2 + 0.01
+    low, high = (1 - aug.scale_limit) ** 2, (1 + aug.scale_limit) ** 2
+    assert areas.min() >= low - 0.01 and areas.max() <= high + 0.01
     assert areas.min() < 0.85 and areas.max() > 1.15, "the zoom range is used"
     # rotation: the angle of a bar stays within rotate_limit
     bar = np.zeros((32, 32, 3), np.uint8)

@@ -171,3 +171,14 @@ def test_overlay_blends_into_unit_range():
     assert not np.allclose(out[0, 0], out[5, 5]), "hot and cold pixels get different colours"
     with pytest.raises(ValueError, match="does not match"):
         overlay(image, np.zeros((8, 8)))
+
+
+def test_channels_last_gives_the_same_maps_as_nchw():
+    torch.manual_seed(0)
+    model = create_model("custom_resnet").eval()
+    images = torch.randn(3, 3, 32, 32)
+    nchw = explain(model, "layer2", images)
+    model_cl = model.to(memory_format=torch.channels_last)
+    channels_last = explain(model_cl, "layer2", images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, nchw, rtol=1e-4, atol=1e-4)
+    assert nchw.amax((1, 2)).gt(0.99).all(), "non-trivial maps: each reaches 1"

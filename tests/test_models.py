@@ -41,9 +41,10 @@ def test_custom_resnet_residuals_add_identity():
 @pytest.mark.parametrize("depth", sorted(RESNET_PARAMS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_resnet_shape_count_and_norm_types(depth, norm):
-    model = create_model(depth, norm=norm)
+    with torch.device("meta"):  # counting needs shapes, not memory: ResNet34 builds in milliseconds
+        model = create_model(depth, norm=norm)
     assert count_parameters(model) == RESNET_PARAMS[depth]
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 10)
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     groupnorms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     if norm == "bn":

@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from helpers import visualize
 from helpers.analysis import Predictions
@@ -11,7 +10,7 @@ from helpers.lr_finder import LRRangeResult
 from helpers.recipes import S10
 
 
-def shown(fig: Figure) -> list:
+def shown(fig) -> list:
     """The axes that display an image."""
     return [ax for ax in fig.axes if ax.images]
 
@@ -32,7 +31,9 @@ def test_data_plots():
 def test_training_plots():
     result = LRRangeResult([1e-4, 1e-3, 1e-2], [2.3, 2.0, 2.5], [2.3, 1.9, 2.6], 1e-4, 1e-3,
                            1e-4, "rule")
-    assert isinstance(visualize.plot_lr_finder(result), Figure)
+    lines = visualize.plot_lr_finder(result).axes[0].get_lines()
+    assert list(lines[1].get_xdata()) == result.lrs and list(lines[1].get_ydata()) == result.losses
+    assert [line.get_xdata()[0] for line in lines[2:]] == [1e-3, 1e-4]  # minimum, then suggestion
     history = [{"epoch": e, "lr": 0.1 / e, "train_loss": 1 / e, "test_loss": 1.2 / e,
                 "train_acc": 0.5 + e / 10, "test_acc": 0.45 + e / 10} for e in (1, 2, 3)]
     fig = visualize.plot_history(history)

@@ -56,7 +56,7 @@ def settings_from_args(args: argparse.Namespace):
         progress=not args.no_progress)
 
 
-def _interrupted_message(out) -> str:
+def _interrupted_message(out, resume: bool) -> str:
     """Where an interrupted run stands and how to go on."""
     from .train import read_resume_state
 
@@ -65,7 +65,8 @@ def _interrupted_message(out) -> str:
     except Exception:  # a message, not a second error
         state = None
     saved = f"epoch {state['epoch']} is saved in {out}/last.pt" if state else "no epoch was saved yet"
-    return f"interrupted; {saved}; run the same command to resume"
+    how = "run the same command to resume" if resume else "run it without --no-resume to resume"
+    return f"interrupted; {saved}; {how}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         out = settings.out_dir if settings else args.out
-        print(f"\n{_interrupted_message(out)}", file=sys.stderr)
+        print(f"\n{_interrupted_message(out, not args.no_resume)}", file=sys.stderr)
         return 130
     except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, OSError) as err:
         if debug:

@@ -273,6 +273,7 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
         steps.append(A.Affine(translate_px=(-shift, shift),
                               scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
                               rotate=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
+                              keep_ratio=True,  # one zoom for both axes, as ShiftScaleRotate
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
     elif train and aug.rotate_limit:
         # Corners uncovered by the rotation take the dataset mean, which normalizes to ~0.
@@ -390,9 +391,9 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def default_num_workers(device: torch.device | str) -> int:
-    """Loader workers: all cores but one on a GPU (up to 16); none on a CPU, where the model needs them.
+    """Loader workers: all cores but one on a GPU (up to 16); on a CPU none up to 4 cores, else a few.
 
-    One loader process augments 2,000-5,000 images/s (benchmarks/results.md). A GPU trains faster
+    One loader process augments 2,000-5,000 images/s (measured on 2-core CPUs). A GPU trains faster
     than that, so a GPU run wants every spare core. On a 2-core CPU the model is the bottleneck
     (S10 ~48, S8 ~36, S9 ~390 img/s in fp32): augmenting in the main process costs 1-17% there,
     and a worker process would take that time from the model's two threads anyway.

@@ -1,7 +1,7 @@
 """The run as a few plain functions, walked by the CLI, the notebooks and the benchmarks alike:
 
     settings -> start_run -> load_run_data -> build_run_loaders -> build_run_model
-             -> resolve_max_lr -> train_run -> analyse -> record_run
+             -> resolve_max_lr -> train_run -> analyse -> finish_run
 
 `run_recipe(settings)` walks all of them headless and writes metrics.json and the figures.
 """
@@ -93,6 +93,10 @@ class RunSettings:
             raise SettingsError(f"workers must be 0 or more, got {self.workers}")
         if not self.synthetic and not self.data_dir:
             raise SettingsError("no data folder given; pass data_dir (or synthetic for a smoke run)")
+        try:
+            (self.out or "").format(recipe="s10")
+        except (KeyError, IndexError, ValueError):
+            raise SettingsError(f"out {self.out!r}: the only placeholder allowed is {{recipe}}") from None
 
     @property
     def out_dir(self) -> Path:
@@ -177,11 +181,16 @@ def start_run(settings: RunSettings) -> Run:
     runtime = Runtime.for_device(device, fast=not settings.plain, compile=settings.compile)
     out = settings.out_dir
     _check_writable(out)
+    if settings.images_dir:
+        _check_writable(Path(settings.images_dir))
     removed = remove_stale_temporaries(out)
     state = read_resume_state(out) if settings.resume else None
     if state is not None:
         # What can be checked without the data is checked now, before minutes of loading.
-        check_resumable(state, recipe_signature(recipe) | {"seed": settings.seed}, out / "last.pt")
+        early = recipe_signature(recipe) | {"seed": settings.seed}
+        if settings.max_lr is not None:
+            early["max_lr"] = settings.max_lr
+        check_resumable(state, early, out / "last.pt")
     seed_everything(settings.seed)
     run = Run(settings, recipe, runtime, out, state)
     if removed:
@@ -284,7 +293,8 @@ class MaxLR:
 
 
 def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxLR:
-    """The run's max LR: a resumed run keeps its own; else --max-lr; else the LR range test."""
+    """The run's max LR: a resumed run keeps its own; else --max-lr; else the recipe's fixed peak;
+    else the LR range test."""
     if run.recipe.scheduler != "onecycle":
         return MaxLR(None, "recipe (no One Cycle)")
     state = run.resume_state
@@ -436,13 +446,13 @@ def save_json(path: str | os.PathLike, value: Any) -> None:
 
 def finish_run(run: Run, data: CifarArrays, result: FitResult, analysis: Analysis, max_lr: MaxLR,
                figures: dict[str, Figure]) -> dict[str, Any]:
-    """Write metrics.json and every figure into the run folder (and images_dir); return the record."""
+    """Write metrics.json, then every figure, into the run folder (and images_dir); return the record."""
+    record = run_record(run, data, result, analysis, max_lr)
+    save_json(run.out / "metrics.json", record)
     for name, fig in figures.items():
         visualize.save_figure(fig, run.out / f"{name}.png")
         if run.settings.images_dir:
             visualize.save_figure(fig, Path(run.settings.images_dir) / f"{run.recipe.name}_{name}.png")
-    record = run_record(run, data, result, analysis, max_lr)
-    save_json(run.out / "metrics.json", record)
     if record["final_test_acc"] is not None:
         run.say(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
                 f"{100 * record['best_test_acc']:.2f}%); wrote {run.out}/metrics.json and "

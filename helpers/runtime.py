@@ -42,6 +42,9 @@ def pick_device(name: str | None = None) -> torch.device:
         hint = " (in Colab: Runtime > Change runtime type > T4 GPU)" if device.type == "cuda" else ""
         raise DeviceError(f"device {name!r} is not available on this machine{hint}; "
                           f"available: {', '.join(available_devices())}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          "numbered from 0")
     return device
 
 

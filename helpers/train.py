@@ -4,6 +4,7 @@ and `fit`, which ties them together."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
@@ -176,8 +177,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}; delete it or pass "
-                              "--no-resume (notebook: RESUME=0) to start over") from err
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}; delete it or pass --no-resume "
+                              "(notebook: resume=False or CIFAR_RESUME=0) to start over") from err
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{str(path)!r} is not a training checkpoint of this project")
     return state
@@ -227,20 +228,34 @@ def recipe_signature(recipe: Recipe) -> dict[str, Any]:
 
 
 def data_signature(train_loader: DataLoader, test_loader: DataLoader) -> dict[str, Any]:
-    """What the data contributes: content fingerprints, sizes, steps, seed and augmentation streams."""
+    """What the data contributes: content fingerprints, sizes, steps, seed, and the augmentations as
+    they are implemented (the transform's full repr and the albumentations version that runs it)."""
+    import albumentations
+
     train_set, test_set = train_loader.dataset, test_loader.dataset
+    transform = getattr(train_set, "transform", None)
     return {"data.train_size": len(train_set), "data.test_size": len(test_set),
             "data.steps_per_epoch": len(train_loader),
             "data.train_fingerprint": getattr(train_set, "fingerprint", None),
             "data.test_fingerprint": getattr(test_set, "fingerprint", None),
             "data.augment_streams": getattr(train_set, "STREAMS", None),
+            "data.augment": " ".join(f"albumentations {albumentations.__version__}: {transform!r}".split()),
             "seed": getattr(train_set, "seed", getattr(train_loader.sampler, "seed", None))}
 
 
-def training_signature(recipe: Recipe, max_lr: float | None, train_loader: DataLoader,
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """The architecture as a short hash of every parameter and buffer name with its shape."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return {"model.shapes": digest.hexdigest()}
+
+
+def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, train_loader: DataLoader,
                        test_loader: DataLoader) -> dict[str, Any]:
     """Everything a resumed run must share with the run that wrote the checkpoint."""
-    return recipe_signature(recipe) | {"max_lr": max_lr} | data_signature(train_loader, test_loader)
+    return (recipe_signature(recipe) | {"max_lr": max_lr} | model_signature(model)
+            | data_signature(train_loader, test_loader))
 
 
 def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
@@ -253,14 +268,16 @@ def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str |
     defaults = _flatten({"recipe": _field_defaults(Recipe)})
     differences = []
     for key, value in expected.items():
-        old = saved.get(key, defaults.get(key, "<missing>")) if key not in saved else saved[key]
+        old = saved.get(key, defaults.get(key, "<missing>"))
         if old != value:
-            differences.append(f"{key.removeprefix('recipe.')} {old!r} -> {value!r}")
+            name = key.removeprefix("recipe.")
+            short = len(repr(old)) + len(repr(value)) < 100  # a long value (the transform) is named only
+            differences.append(f"{name} {old!r} -> {value!r}" if short else f"{name} changed")
     if differences:
         raise CheckpointError(
             f"{str(path)!r} was written by a run with other settings ({'; '.join(differences)}); "
-            "resume with the same settings, pass --no-resume (notebook: RESUME=0) to start over, "
-            "or choose another output folder")
+            "resume with the same settings, pass --no-resume (notebook: resume=False or CIFAR_RESUME=0) "
+            "to start over, or choose another output folder")
 
 
 # ----------------------------------------------------------------------------- fit
@@ -293,7 +310,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     scaler = runtime.scaler()
     criterion = build_criterion(recipe)
     step_model = torch.compile(model) if runtime.compile else model
-    signature = training_signature(recipe, max_lr, train_loader, test_loader)
+    signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
     history: list[dict[str, Any]] = []
     sessions: list[dict[str, Any]] = []
     best_acc, start_epoch = -1.0, 0

@@ -419,6 +419,11 @@ def test_s9_shift_scale_rotate_stays_within_the_recipe_ranges():
     low, high = (1 - aug.scale_limit) ** 2, (1 + aug.scale_limit) ** 2
     assert areas.min() >= low - 0.01 and areas.max() <= high + 0.01
     assert areas.min() < 0.85 and areas.max() > 1.15, "the zoom range is used"
+    # one zoom for both axes, as ShiftScaleRotate: the square's width and height stay equal
+    for out in draws(get_transforms(only_scale, True, MEAN, STD), big, n=50):
+        light = out[2:30, 2:30, 1] / 255
+        width, height = light.sum(0).max(), light.sum(1).max()
+        assert abs(width - height) < 0.2
     # rotation: the angle of a bar stays within rotate_limit
     bar = np.zeros((32, 32, 3), np.uint8)
     bar[14:18, :, :] = 255

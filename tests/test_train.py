@@ -297,3 +297,18 @@ def test_one_cycle_refuses_a_missing_or_non_positive_max_lr():
     for bad in (None, 0.0, -0.01, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive finite max_lr"):
             train.build_scheduler(optimizer, S10, 10, bad)
+
+
+def test_resume_refuses_another_augmentation_implementation_or_architecture(tmp_path):
+    recipe = S10.with_overrides(epochs=2)
+    loaders = tiny_setup(recipe, n_train=32, n_test=16)
+    stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
+    # the same recipe values, implemented by another pipeline (as after a code or library change)
+    train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
+    train_loader.dataset.transform = test_loader.dataset.transform
+    with pytest.raises(train.CheckpointError, match=r"\(data.augment changed\)"):
+        train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+                  progress=False)
+    with pytest.raises(train.CheckpointError, match="model.shapes"):
+        train.fit(TinyNet(num_classes=7), *loaders, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+                  progress=False)

@@ -115,9 +115,11 @@ class RunSettings:
     def is_full_run(self) -> bool:
         """True when nothing shortens the assignment: real data, all of it, the recipe's settings."""
         recipe = get_recipe(self.recipe)
+        range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None
         return (not self.synthetic and self.train_subset is None and self.test_subset is None
                 and self.epochs in (None, recipe.epochs) and self.batch_size in (None, recipe.batch_size)
-                and self.lr_finder_iters in (None, recipe.lr_finder.num_iter) and self.max_lr is None)
+                and (not range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
+                and self.max_lr is None)
 
     @classmethod
     def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:
@@ -320,7 +322,8 @@ def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader:
     finder = max_lr.finder.as_dict() if max_lr.finder else None
     return fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
                checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
-               on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder)
+               on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
+               session={"full_run": run.settings.is_full_run})
 
 
 def format_epoch(row: dict[str, Any]) -> str:
@@ -410,7 +413,8 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
     test_seconds = sum(r["test_seconds"] for r in history)
     return _finite({
         "recipe": run.recipe.name,
-        "full_run": run.settings.is_full_run,
+        # full only if every execution that trained part of it was (a smoke start resumed in full is not)
+        "full_run": run.settings.is_full_run and all(s.get("full_run") for s in result.sessions),
         "final_test_acc": history[-1]["test_acc"] if history else None,
         "best_test_acc": result.best_acc if history else None,
         "epochs": len(history),

@@ -302,8 +302,11 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         runtime: Runtime = FP32_CPU, max_lr: float | None = None,
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
         progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None,
-        lr_finder: dict[str, Any] | None = None) -> FitResult:
-    """Train for `recipe.epochs` epochs, evaluating after each; checkpoint and resume if asked."""
+        lr_finder: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> FitResult:
+    """Train for `recipe.epochs` epochs, evaluating after each; checkpoint and resume if asked.
+
+    `session` is stored with this execution's entry in `sessions` (e.g. whether it was a full run).
+    """
     model = runtime.prepare(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
@@ -329,7 +332,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
                                 "machine": cpu_model() if runtime.device.type == "cpu"
                                 else str(runtime.device),
-                                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+                                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                               | (session or {})]
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
                   initial=start_epoch, total=recipe.epochs, dynamic_ncols=True)

@@ -68,7 +68,7 @@ def plot_class_distribution(train_counts, test_counts, classes: Sequence[str]) -
 def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
                    n_versions: int = 6, seed: int = 0) -> Figure:
     """Each row: an original image, then `n_versions` draws of the train transform."""
-    from .dataset import denormalize, seed_transform
+    from .dataset import augment_stream, denormalize, seed_transform
 
     fig, axes = _grid(n_images * (n_versions + 1), n_versions + 1, cell=1.3)
     # Random rows rather than the first ones: an ImageFolder copy is sorted by class.
@@ -77,7 +77,7 @@ def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
         axes[row * (n_versions + 1)].imshow(images[index])
         axes[row * (n_versions + 1)].set_title(f"original #{index}", fontsize=8)
         for col in range(1, n_versions + 1):
-            seed_transform(transform, seed + 1000 * row + col)
+            seed_transform(transform, augment_stream(seed, col, int(index)))  # draw `col` of this image
             augmented = denormalize(transform(image=images[index])["image"], mean, std)[0]
             axes[row * (n_versions + 1) + col].imshow(augmented)
     fig.suptitle("Train augmentations")
@@ -118,6 +118,7 @@ def plot_history(history: list[dict]) -> Figure:
     lr_ax.set_title("learning rate at the end of each epoch")
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs even for a 1-epoch run
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     loss_ax.legend()

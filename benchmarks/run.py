@@ -54,7 +54,7 @@ def train(args: argparse.Namespace) -> None:
                                epochs=args.epochs, train_subset=args.train_subset,
                                test_subset=args.test_subset, max_lr=args.max_lr, seed=seed,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
-                               progress=not args.no_progress)
+                               compile=args.compile, progress=not args.no_progress)
         append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
 
 
@@ -64,15 +64,25 @@ def record(args: argparse.Namespace) -> None:
     if not metrics_path.exists():
         raise SystemExit(f"error: no {metrics_path}; finish the run first (python -m helpers train ...)")
     metrics = json.loads(metrics_path.read_text())
+    if any(same_run(metrics, r) for r in read_records(args.log)):
+        raise SystemExit(f"error: {args.run_dir} is already in {args.log} (same run, same finish); "
+                         "nothing recorded")
     command = metrics.get("command") or f"python -m helpers train --recipe {metrics['recipe']}"
     append_record(training_record(metrics, command, args.note), args.log)
+
+
+def same_run(metrics: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether a results-log record is this metrics.json: same recipe, folder and finishing time."""
+    def key(m: dict[str, Any]) -> tuple:
+        return m.get("recipe"), m.get("settings", {}).get("out"), m.get("metadata", {}).get("time_utc")
+    return record.get("kind") == "training" and key(record) == key(metrics)
 
 
 def measure_throughput(args: argparse.Namespace) -> None:
     """Model-bound and loader-bound images/s of a recipe on this machine, as one record."""
     settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                            out=str(Path(args.out) / f"throughput-{args.recipe}"), plain=args.plain,
-                           resume=False, progress=False)
+                           compile=args.compile, resume=False, progress=False)
     run = start_run(settings)
     data, summary = load_run_data(run)
     train_loader, _ = build_run_loaders(run, data, summary)
@@ -145,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--data-dir")
         q.add_argument("--synthetic", action="store_true")
         q.add_argument("--plain", action="store_true", help="fp32, NCHW, no loader workers")
+        q.add_argument("--compile", action="store_true", help="torch.compile the model")
         q.add_argument("--out", default="runs/bench", help="folder for the runs' own files")
         q.add_argument("--note", help="a sentence stored with the record")
     t = sub.choices["train"]

@@ -121,6 +121,7 @@ def fetch_archive(
     started = time.monotonic()
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_parts(root)
     target = root / CIFAR10_FILENAME
     urls = mirror_urls() if urls is None else list(urls)
     cache = _cache_folder(cache_dir)
@@ -355,6 +356,28 @@ def _describe(err: BaseException, connect_timeout: float, read_timeout: float) -
 def _extracted(root: Path) -> bool:
     """Whether root holds the files torchvision's CIFAR10 reads (their md5s are torchvision's job)."""
     return all((root / CIFAR10_FOLDER / name).is_file() for name in CIFAR10_FILES)
+
+
+def _remove_dead_parts(root: Path) -> list[str]:
+    """Delete `.cifar-10-python.tar.gz.partPID` files whose process is gone (a SIGKILLed download)."""
+    removed = []
+    for part in root.glob(f".{CIFAR10_FILENAME}.part*"):
+        pid = part.name.rpartition(".part")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            part.unlink(missing_ok=True)
+            removed.append(part.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a live download of another process is left alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but is not ours, or cannot be asked: keep its file
+    return True
 
 
 def _md5_of(path: Path) -> str:

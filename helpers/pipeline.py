@@ -185,7 +185,6 @@ def start_run(settings: RunSettings) -> Run:
     _check_writable(out)
     if settings.images_dir:
         _check_writable(Path(settings.images_dir))
-    removed = remove_stale_temporaries(out)
     state = read_resume_state(out) if settings.resume else None
     if state is not None:
         # What can be checked without the data is checked now, before minutes of loading.
@@ -193,6 +192,8 @@ def start_run(settings: RunSettings) -> Run:
         if settings.max_lr is not None:
             early["max_lr"] = settings.max_lr
         check_resumable(state, early, out / "last.pt")
+    lock_run_folder(out)
+    removed = remove_stale_temporaries(out)  # safe under the lock: no other run writes here
     seed_everything(settings.seed)
     run = Run(settings, recipe, runtime, out, state)
     if removed:
@@ -251,6 +252,37 @@ def _check_writable(out: Path) -> None:
     except OSError as err:
         raise SettingsError(f"cannot write into {str(existing)!r} for output folder {str(out)!r}: "
                             f"{err.strerror or err}; pass a writable folder (--out)") from None
+
+
+_LOCKED_FOLDERS: dict[Path, int] = {}  # folder -> open descriptor holding its lock
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive lock on out/.lock until this process ends, or a one-line error if another has it.
+
+    Two runs in one folder would interleave their checkpoints. flock is released by the OS when the
+    process dies (no stale locks after a kill), and taking it again in the same process (a notebook
+    executed twice in one kernel) is a no-op. Without fcntl (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = out.resolve()
+    if key in _LOCKED_FOLDERS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SettingsError(f"output folder {str(out)!r} is in use by another run (pid {holder}); "
+                            "wait for it to finish, stop it, or pass another folder (--out)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKED_FOLDERS[key] = fd
 
 
 def load_run_data(run: Run) -> tuple[CifarArrays, DataSummary]:

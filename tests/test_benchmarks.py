@@ -3,6 +3,8 @@ report is generated from the log."""
 
 import json
 
+import pytest
+
 from benchmarks.run import main, read_records
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
@@ -30,9 +32,14 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     run_dir = tmp_path / "runs" / "s9-seed0"
     assert main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
                  str(tmp_path / "runs")] + TINY[:-2]) == 0
-    assert main(["--log", str(log), "record", str(run_dir), "--note", "again"]) == 0
-    first, again = read_records(log)
-    assert again["note"] == "again" and again["history"] == first["history"]
+    (first,) = read_records(log)
+    with pytest.raises(SystemExit, match="already in"):  # the same run twice would count twice
+        main(["--log", str(log), "record", str(run_dir)])
+    (log.parent / "other.jsonl").write_text("")
+    assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", "n"]) == 0
+    (again,) = read_records(log.parent / "other.jsonl")
+    assert again["note"] == "n" and again["history"] == first["history"]
+    assert len(read_records(log)) == 1
     assert main(["--log", str(log), "throughput", "--recipe", "s9", "--synthetic", "--batches", "1",
                  "--warmup", "0", "--out", str(tmp_path / "runs")]) == 0
     measured = read_records(log)[-1]

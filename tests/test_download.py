@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import socket
+import subprocess
 import tarfile
 import threading
 import time
@@ -295,6 +296,25 @@ def test_interrupt_leaves_no_partial_file(tmp_path, fake, mirror, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fetch_archive(tmp_path, [mirror.url("/good")], fake.md5, **FAST)
     assert os.listdir(tmp_path) == []
+
+
+def test_partial_file_of_a_killed_download_is_removed_and_a_live_ones_kept(tmp_path, fake, mirror):
+    with subprocess.Popen(["sleep", "30"]) as other:  # another process downloading right now
+        dead = tmp_path / f".{CIFAR10_FILENAME}.part{_dead_pid()}"  # a SIGKILLed downloader's
+        live = tmp_path / f".{CIFAR10_FILENAME}.part{other.pid}"
+        dead.write_bytes(b"half")
+        live.write_bytes(b"half")
+        fetch_archive(tmp_path, [mirror.url("/good")], fake.md5, **FAST)
+        other.kill()
+    assert not dead.exists() and live.exists()
+    assert (tmp_path / CIFAR10_FILENAME).is_file()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_unsafe_archive_is_not_extracted(tmp_path):

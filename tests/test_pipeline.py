@@ -1,11 +1,15 @@
-"""The pipeline's settings and records: notebook settings from the environment, JSON without NaN."""
+"""The pipeline: settings from the environment, JSON without NaN, one process per run folder."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from helpers.pipeline import RunSettings, SettingsError, save_json
+from helpers.pipeline import RunSettings, SettingsError, save_json, start_run
 
 
 def test_notebook_settings_come_from_defaults_then_the_environment():
@@ -30,3 +34,23 @@ def test_bad_environment_values_are_one_line_errors(env, message):
 def test_non_finite_numbers_are_written_as_null(tmp_path):
     save_json(tmp_path / "m.json", {"loss": math.nan, "rows": [{"acc": math.inf}, 0.5]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"loss": None, "rows": [{"acc": None}, 0.5]}
+
+
+def test_a_run_folder_holds_one_process_at_a_time_and_a_killed_holder_frees_it(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from helpers.pipeline import lock_run_folder; lock_run_folder(Path(sys.argv[1])); "
+         "print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        settings = RunSettings(recipe="s9", synthetic=True, out=str(out), progress=False)
+        with pytest.raises(SettingsError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            start_run(settings)
+        assert sorted(os.listdir(out)) == [".lock"]  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    start_run(settings)  # the kill released the lock: nothing stale to clean by hand
+    start_run(settings)  # and this process may start again (a notebook executed twice)

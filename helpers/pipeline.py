@@ -350,12 +350,19 @@ def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxL
 
 def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
               max_lr: MaxLR) -> FitResult:
-    """`fit` with the run's checkpoints and resume; one printed line per epoch."""
+    """`fit` with the run's checkpoints and resume; one printed line per epoch.
+
+    Afterwards the run continues from its own new checkpoint: a notebook cell executed again
+    (the range test, training) reuses it instead of testing LRs on trained weights or training twice.
+    """
     finder = max_lr.finder.as_dict() if max_lr.finder else None
-    return fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
-               checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
-               on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
-               session={"full_run": run.settings.is_full_run})
+    result = fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
+                 checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
+                 on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
+                 session={"full_run": run.settings.is_full_run})
+    if run.settings.resume:
+        run.resume_state = read_resume_state(run.out)
+    return result
 
 
 def format_epoch(row: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import pipeline
 from helpers.pipeline import RunSettings, SettingsError, save_json, start_run
 
 
@@ -54,3 +55,24 @@ def test_a_run_folder_holds_one_process_at_a_time_and_a_killed_holder_frees_it(t
         holder.wait()
     start_run(settings)  # the kill released the lock: nothing stale to clean by hand
     start_run(settings)  # and this process may start again (a notebook executed twice)
+
+
+def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it(tmp_path, monkeypatch):
+    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=32, train_subset=64,
+                           test_subset=40, lr_finder_iters=5, out=str(tmp_path / "s10"), progress=False)
+    run = start_run(settings)
+    data, summary = pipeline.load_run_data(run)
+    train_loader, test_loader = pipeline.build_run_loaders(run, data, summary)
+    model = pipeline.build_run_model(run)
+    max_lr = pipeline.resolve_max_lr(run, model, train_loader)
+    first = pipeline.train_run(run, model, train_loader, test_loader, max_lr)
+    assert max_lr.source == "range test" and first.resumed_from_epoch == 0
+
+    def no_second_test(*args, **kwargs):
+        raise AssertionError("a range test on trained weights")
+    monkeypatch.setattr(pipeline, "lr_range_test", no_second_test)
+    again = pipeline.resolve_max_lr(run, model, train_loader)  # the LR cell executed again
+    assert (again.source, again.value, again.finder.min_loss_lr) == ("checkpoint", max_lr.value,
+                                                                    max_lr.finder.min_loss_lr)
+    second = pipeline.train_run(run, model, train_loader, test_loader, again)  # the training cell
+    assert second.resumed_from_epoch == 1 and second.history == first.history

@@ -30,7 +30,13 @@ LOG, REPORT = HERE / "runs.jsonl", HERE / "results.md"
 
 
 def append_record(record: dict[str, Any], log: Path = LOG) -> None:
-    """Append one JSON line to the results log and regenerate the report beside it."""
+    """Append one JSON line to the results log and regenerate the report beside it.
+
+    A training already in the log is refused: a finished run recorded again would count twice.
+    """
+    if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
+        raise SystemExit(f"error: this {record['recipe']} training (first started "
+                         f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
     with open(log, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
     write_report(log, log.with_name(REPORT.name))
@@ -64,17 +70,16 @@ def record(args: argparse.Namespace) -> None:
     if not metrics_path.exists():
         raise SystemExit(f"error: no {metrics_path}; finish the run first (python -m helpers train ...)")
     metrics = json.loads(metrics_path.read_text())
-    if any(same_run(metrics, r) for r in read_records(args.log)):
-        raise SystemExit(f"error: {args.run_dir} is already in {args.log} (same run, same finish); "
-                         "nothing recorded")
     command = metrics.get("command") or f"python -m helpers train --recipe {metrics['recipe']}"
     append_record(training_record(metrics, command, args.note), args.log)
 
 
 def same_run(metrics: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether a results-log record is this metrics.json: same recipe, folder and finishing time."""
+    """Whether a results-log record is the training in this metrics.json: same recipe, same first
+    start, same epochs (the CLI and a notebook executed on the finished run write the same training)."""
     def key(m: dict[str, Any]) -> tuple:
-        return m.get("recipe"), m.get("settings", {}).get("out"), m.get("metadata", {}).get("time_utc")
+        first = (m.get("sessions") or [{}])[0]
+        return m.get("recipe"), first.get("time_utc"), len(m.get("history", []))
     return record.get("kind") == "training" and key(record) == key(metrics)
 
 

@@ -35,6 +35,9 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     (first,) = read_records(log)
     with pytest.raises(SystemExit, match="already in"):  # the same run twice would count twice
         main(["--log", str(log), "record", str(run_dir)])
+    with pytest.raises(SystemExit, match="already in"):  # finished, rerun: metrics.json rewritten
+        main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
+              str(tmp_path / "runs")] + TINY[:-2])
     (log.parent / "other.jsonl").write_text("")
     assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", "n"]) == 0
     (again,) = read_records(log.parent / "other.jsonl")

@@ -111,6 +111,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _cell(text: str | None) -> str:
+    """A table cell for free text: empty for None, pipes escaped so the row keeps its columns."""
+    return (text or "").replace("|", "\\|")
+
+
 def write_report(log: Path = LOG, report: Path = REPORT) -> str:
     """Regenerate results.md: one table of training runs, one of throughput, newest last."""
     records = read_records(log)
@@ -120,8 +125,8 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
              "`../shared/data` unpacked (lossy JPEG, accuracy a little below the original release).", "",
              "## Training runs", "",
              "| recipe | full run | device | runtime | data | seed | epochs | final acc | best acc "
-             "| training time | train img/s | resumes | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| training time | train img/s | resumes | commit | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "training"):
         meta = r["metadata"]
         lines.append(
@@ -129,20 +134,21 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
             f"({meta['cpu_count']} cores) | {meta['runtime']} | {r['data']['copy']} | "
             f"{r['settings']['seed']} | {r['epochs']} | {_pct(r['final_test_acc'])} | "
             f"{_pct(r['best_test_acc'])} | {r['training_seconds'] / 60:.1f} min | "
-            f"{r['train_images_per_second'] or 0:.0f} | {r['resumes']} | {str(meta['git_commit'])[:8]} |")
+            f"{r['train_images_per_second'] or 0:.0f} | {r['resumes']} | {str(meta['git_commit'])[:8]} | "
+            f"{_cell(r.get('note'))} |")
     lines += ["", "## Where the time goes", "",
               "Model-bound: train steps (forward, backward, update) and evaluation on one batch already on "
               "the device; loader-bound: the train loader alone (augmentation and collation).", "",
               "| recipe | device | runtime | batch | train img/s (model) | eval img/s (model) "
-              "| loader img/s | loader workers | limit | measured |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| loader img/s | loader workers | limit | measured | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "throughput"):
         meta, model = r["metadata"], r["model"]
         lines.append(
             f"| {r['recipe']} | {meta['device_name']} ({meta['cpu_count']} cores) | {meta['runtime']} | "
             f"{r['batch_size']} | {model['train_images_per_second']:.0f} | "
             f"{model['eval_images_per_second']:.0f} | {r['loader']['images_per_second']:,.0f} | "
-            f"{r['loader']['workers']} | {r['limit']} | {r['recorded_utc'][:10]} |")
+            f"{r['loader']['workers']} | {r['limit']} | {r['recorded_utc'][:10]} | {_cell(r.get('note'))} |")
     text = "\n".join(lines) + "\n"
     report.write_text(text)
     return text

@@ -123,12 +123,16 @@ S8 = Recipe(
 
 # The small network of S9: no range test (a fixed SGD peak that suits BatchNorm nets of this size),
 # One Cycle over 30 epochs ending near zero, since S9 sets no rule against annihilation.
+# Full run history (JPEG copy, seed 0, 2-core EPYC): batch 256 with a peak of 0.2 ended at 84.68%,
+# training only 84.35% of its augmented images: it underfit, so the recipe takes more, smaller steps.
 S9 = Recipe(
     name="s9",
     model="dilated_dwsep_net",
     model_kwargs={},
     epochs=30,
-    batch_size=256,
+    # 128, not 256: twice the updates per epoch for a net that underfits in 30 epochs, and faster
+    # per image on a CPU (463 against 338-368 img/s for one train step on 2 EPYC cores)
+    batch_size=128,
     optimizer="sgd",
     lr=0.1,  # unused by One Cycle; kept equal to the peak for readers
     weight_decay=5e-4,
@@ -138,7 +142,7 @@ S9 = Recipe(
                     rotate_limit=10.0, cutout_size=16, cutout_p=0.5),
     gradcam_layer="c4",  # 128x8x8, the last map
     label_smoothing=0.1,
-    onecycle=OneCycle(peak_epoch=6, div_factor=20.0, final_div_factor=200.0, max_lr=0.2),
+    onecycle=OneCycle(peak_epoch=6, div_factor=20.0, final_div_factor=200.0, max_lr=0.1),
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}

@@ -39,9 +39,13 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
         main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
               str(tmp_path / "runs")] + TINY[:-2])
     (log.parent / "other.jsonl").write_text("")
-    assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", "n"]) == 0
+    note = "superseded recipe | kept for the record"
+    assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", note]) == 0
     (again,) = read_records(log.parent / "other.jsonl")
-    assert again["note"] == "n" and again["history"] == first["history"]
+    assert again["note"] == note and again["history"] == first["history"]
+    (row,) = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| s9 |")]
+    cells = [c.strip() for c in row.replace("\\|", "\0").strip("|").split("|")]
+    assert cells[-1].replace("\0", "|") == note and len(cells) == 14  # the note's pipe is escaped
     assert len(read_records(log)) == 1
     assert main(["--log", str(log), "throughput", "--recipe", "s9", "--synthetic", "--batches", "1",
                  "--warmup", "0", "--out", str(tmp_path / "runs")]) == 0

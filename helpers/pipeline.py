@@ -39,7 +39,16 @@ from .runtime import (
     run_metadata,
     seed_everything,
 )
-from .train import CheckpointError, FitResult, check_resumable, fit, read_resume_state, recipe_signature
+from .train import (
+    CheckpointError,
+    FitResult,
+    check_resumable,
+    data_signature,
+    fit,
+    model_signature,
+    read_resume_state,
+    recipe_signature,
+)
 
 
 class SettingsError(ValueError):
@@ -318,7 +327,8 @@ class MaxLR:
     """The One Cycle peak and where it came from: the range test, the checkpoint or the settings."""
 
     value: float | None
-    source: str  # "range test", "checkpoint", "settings", "recipe", "recipe (no One Cycle)"
+    # "range test", "saved range test", "checkpoint", "settings", "recipe", "recipe (no One Cycle)"
+    source: str
     finder: LRRangeResult | None = None
 
     def __str__(self) -> str:
@@ -328,7 +338,7 @@ class MaxLR:
 
 def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxLR:
     """The run's max LR: a resumed run keeps its own; else --max-lr; else the recipe's fixed peak;
-    else the LR range test."""
+    else the LR range test, saved in the run folder for an execution stopped before its first epoch."""
     if run.recipe.scheduler != "onecycle":
         return MaxLR(None, "recipe (no One Cycle)")
     state = run.resume_state
@@ -341,11 +351,42 @@ def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxL
         return MaxLR(run.settings.max_lr, "settings")
     if run.recipe.onecycle.max_lr is not None:
         return MaxLR(run.recipe.onecycle.max_lr, "recipe")
+    saved_path, signature = run.out / RANGE_TEST_FILE, range_test_signature(run, model, train_loader)
+    saved = read_saved_range_test(saved_path, signature) if run.settings.resume else None
+    if saved is not None:
+        run.say(f"max LR {saved.suggested_lr:.3e} from the range test saved in {saved_path} "
+                "(no new range test)")
+        return MaxLR(saved.suggested_lr, "saved range test", saved)
     finder = lr_range_test(model, train_loader, run.recipe, run.runtime, run.settings.lr_finder_iters,
                            run.settings.progress)
     run.say(f"LR range test: {len(finder.lrs)} steps, minimum at {finder.min_loss_lr:.3e}, "
             f"max LR {finder.suggested_lr:.3e} ({finder.rule})")
+    # kept at once: on a CPU the test takes minutes and the first checkpoint comes an epoch later
+    saved = {"signature": signature, "finder": finder.as_dict()}
+    atomic_write(saved_path, lambda tmp: torch.save(saved, tmp))
     return MaxLR(finder.suggested_lr, "range test", finder)
+
+
+RANGE_TEST_FILE = "lr_range_test.pt"
+
+
+def range_test_signature(run: Run, model: nn.Module, train_loader: DataLoader) -> dict[str, Any]:
+    """What a range test's result depends on: the training recipe, its range-test settings, the
+    architecture, and the train data with its augmentations and seed (which also fixes the init)."""
+    data = {k: v for k, v in data_signature(train_loader, train_loader).items()
+            if not k.startswith("data.test_")}
+    return (recipe_signature(run.recipe) | model_signature(model) | data
+            | {"lr_finder": asdict(run.recipe.lr_finder), "lr_finder_iters": run.settings.lr_finder_iters})
+
+
+def read_saved_range_test(path: Path, signature: dict[str, Any]) -> LRRangeResult | None:
+    """The range test saved in `path` by an earlier execution of the same run, or None (no file,
+    an unreadable one, or one written for other settings: the test is then run again)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        return LRRangeResult(**saved["finder"]) if saved["signature"] == signature else None
+    except Exception:  # torch raises several types for a missing, torn or foreign file
+        return None
 
 
 def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,

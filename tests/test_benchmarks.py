@@ -43,7 +43,8 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", note]) == 0
     (again,) = read_records(log.parent / "other.jsonl")
     assert again["note"] == note and again["history"] == first["history"]
-    (row,) = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| s9 |")]
+    report = (tmp_path / "results.md").read_text()
+    (row,) = [line for line in report.splitlines() if line.startswith("| s9 |")]
     cells = [c.strip() for c in row.replace("\\|", "\0").strip("|").split("|")]
     assert cells[-1].replace("\0", "|") == note and len(cells) == 14  # the note's pipe is escaped
     assert len(read_records(log)) == 1

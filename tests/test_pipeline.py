@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -76,3 +77,25 @@ def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it
                                                                     max_lr.finder.min_loss_lr)
     second = pipeline.train_run(run, model, train_loader, test_loader, again)  # the training cell
     assert second.resumed_from_epoch == 1 and second.history == first.history
+
+
+def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
+    def resolve(settings):
+        """Execute the notebook's cells up to the max LR, as a fresh process would."""
+        run = start_run(settings)
+        data, summary = pipeline.load_run_data(run)
+        train_loader, _ = pipeline.build_run_loaders(run, data, summary)
+        assert run.resume_state is None  # stopped before the first epoch: no last.pt
+        return pipeline.resolve_max_lr(run, pipeline.build_run_model(run), train_loader)
+
+    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=32, train_subset=64,
+                           test_subset=40, lr_finder_iters=5, out=str(tmp_path / "s10"), progress=False)
+    first = resolve(settings)
+    real_test, calls = pipeline.lr_range_test, []
+    monkeypatch.setattr(pipeline, "lr_range_test", lambda *a, **k: calls.append(1) or real_test(*a, **k))
+    again = resolve(settings)
+    assert (first.source, again.source) == ("range test", "saved range test") and calls == []
+    assert (again.value, again.finder.losses) == (first.value, first.finder.losses)
+    assert resolve(replace(settings, seed=1)).source == "range test"  # another init: tested again
+    (tmp_path / "s10" / pipeline.RANGE_TEST_FILE).write_bytes(b"torn")  # unreadable: tested again
+    assert resolve(settings).source == "range test" and len(calls) == 2

@@ -58,13 +58,15 @@ def settings_from_args(args: argparse.Namespace):
 
 def _interrupted_message(out, resume: bool) -> str:
     """Where an interrupted run stands and how to go on."""
+    from .pipeline import saved_midway
     from .train import read_resume_state
 
     try:
         state = read_resume_state(out)
     except Exception:  # a message, not a second error
         state = None
-    saved = f"epoch {state['epoch']} is saved in {out}/last.pt" if state else "no epoch was saved yet"
+    saved = (f"epoch {state['epoch']}{saved_midway(state)} is saved in {out}/last.pt" if state
+             else "no epoch was saved yet")
     how = "run the same command to resume" if resume else "run it without --no-resume to resume"
     return f"interrupted; {saved}; {how}"
 

@@ -369,18 +369,20 @@ class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch from (seed, epoch), so a resumed run keeps the same order."""
 
     def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of this epoch."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the permutation of this epoch, from position `start` (an epoch resumed midway)."""
+        if not 0 <= start <= self.size:
+            raise ValueError(f"start must be in [0, {self.size}], got {start}")
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(shuffle_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.start
 
 
 def _seed_worker(worker_id: int) -> None:

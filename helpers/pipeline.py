@@ -214,8 +214,15 @@ def start_run(settings: RunSettings) -> Run:
         run.say(f"run already finished ({state['epoch']} of {recipe.epochs} epochs in {out}/last.pt):"
                 " nothing to train; loading its weights for the analysis")
     else:
-        run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs} ({out}/last.pt)")
+        run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs}{saved_midway(state)} "
+                f"({out}/last.pt)")
     return run
+
+
+def saved_midway(state: dict[str, Any]) -> str:
+    """How far a checkpoint saved inside an epoch got into it ("" for one saved at an epoch's end)."""
+    partial = state.get("partial")
+    return f", {partial['images']:,} images into epoch {state['epoch'] + 1}" if partial else ""
 
 
 def run_info(run: Run) -> dict[str, str]:

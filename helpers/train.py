@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .dataset import EpochShuffleSampler
 from .recipes import Recipe
 from .runtime import FP32_CPU, Runtime, atomic_write, cpu_model
 
@@ -102,13 +103,28 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     runtime: Runtime = FP32_CPU, scheduler=None,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
-                    desc: str = "train") -> dict[str, float]:
-    """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR."""
+                    desc: str = "train", partial: dict[str, float] | None = None,
+                    save_partial: Callable[[dict[str, float]], None] | None = None,
+                    save_every_s: float = math.inf) -> dict[str, float]:
+    """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR.
+
+    `partial` is the progress an earlier execution made in this epoch (the loader then holds only
+    the images it had not seen); `save_partial` receives the progress every `save_every_s` seconds.
+    """
     model.train()
     scaler = scaler or runtime.scaler()
-    loss_sum = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    seen, start, lr = 0, time.perf_counter(), optimizer.param_groups[0]["lr"]
+    partial = partial or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0,
+                          "lr": optimizer.param_groups[0]["lr"]}
+    loss_sum = torch.tensor(float(partial["loss_sum"]), device=runtime.device)
+    correct = torch.tensor(int(partial["correct"]), device=runtime.device, dtype=torch.long)
+    seen, lr = int(partial["images"]), partial["lr"]
+    start = last_save = time.perf_counter()
+    start -= partial["seconds"]
+
+    def progress_so_far() -> dict[str, float]:
+        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "images": seen,
+                "seconds": time.perf_counter() - start, "lr": lr}
+
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
         images, labels = runtime.to_device(images, labels)
@@ -126,8 +142,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
-            "seconds": time.perf_counter() - start, "images": seen, "lr": lr}
+        if save_partial is not None and time.perf_counter() - last_save >= save_every_s:
+            save_partial(progress_so_far())
+            last_save = time.perf_counter()
+    done = progress_so_far()
+    return {"loss": done["loss_sum"] / max(seen, 1), "acc": done["correct"] / max(seen, 1),
+            "seconds": done["seconds"], "images": seen, "lr": lr}
 
 
 @torch.no_grad()
@@ -168,8 +188,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
                  "the folder is not writable" if not os.access(folder, os.W_OK) else str(err))
         raise CheckpointError(
             f"could not write checkpoint {str(path)!r}: {cause} ({free / 2**30:.1f} GiB free); "
-            f"free space or fix the folder, then run the same command to resume from epoch "
-            f"{state['epoch'] - 1}") from err
+            f"free space or fix the folder, then run the same command to resume from the end of epoch "
+            f"{state['epoch'] - (0 if state.get('partial') else 1)} or a later save") from err
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
@@ -282,6 +302,9 @@ def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str |
 
 # ----------------------------------------------------------------------------- fit
 
+# A CPU epoch takes 3-45 minutes (S9 to S8 on 2 cores); a stopped run loses at most this much.
+SAVE_EVERY_S = 600.0
+
 
 @dataclass
 class FitResult:
@@ -302,10 +325,13 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         runtime: Runtime = FP32_CPU, max_lr: float | None = None,
         checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
         progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None,
-        lr_finder: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> FitResult:
+        lr_finder: dict[str, Any] | None = None, session: dict[str, Any] | None = None,
+        save_every_s: float = SAVE_EVERY_S) -> FitResult:
     """Train for `recipe.epochs` epochs, evaluating after each; checkpoint and resume if asked.
 
-    `session` is stored with this execution's entry in `sessions` (e.g. whether it was a full run).
+    With a checkpoint folder, `last.pt` is also written every `save_every_s` seconds inside an
+    epoch, and a resumed run continues that epoch where it stopped. `session` is stored with this
+    execution's entry in `sessions` (e.g. whether it was a full run).
     """
     model = runtime.prepare(model)
     optimizer = build_optimizer(model, recipe)
@@ -314,9 +340,10 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     criterion = build_criterion(recipe)
     step_model = torch.compile(model) if runtime.compile else model
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
+    steps_per_epoch = len(train_loader)  # before a resumed epoch shortens the loader
     history: list[dict[str, Any]] = []
     sessions: list[dict[str, Any]] = []
-    best_acc, start_epoch = -1.0, 0
+    best_acc, start_epoch, partial = -1.0, 0, None
     last = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     state = read_resume_state(checkpoint_dir) if resume else None
     if state is not None:
@@ -328,6 +355,10 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             scaler.load_state_dict(state["scaler"])
         history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
         sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
+        partial = state.get("partial")  # an epoch stopped midway: continue it, do not redo it
+        if partial is not None and not isinstance(train_loader.sampler, EpochShuffleSampler):
+            raise CheckpointError(f"{str(last)!r} stopped inside an epoch, which only a loader with "
+                                  "EpochShuffleSampler can continue; build the loaders with build_loaders")
     if start_epoch < recipe.epochs:
         sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
                                 "machine": cpu_model() if runtime.device.type == "cpu"
@@ -337,13 +368,31 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
                   initial=start_epoch, total=recipe.epochs, dynamic_ncols=True)
+
+    def state_after(epochs_done: int, partial: dict[str, float] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs; `partial` is the progress inside epoch epochs_done + 1."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epochs_done, "history": history, "best_acc": best_acc,
+                "max_lr": max_lr, "signature": signature, "lr_finder": lr_finder,
+                "sessions": sessions, "partial": partial}
+
+    can_save_midway = last is not None and isinstance(train_loader.sampler, EpochShuffleSampler)
     for epoch in epochs:
         for holder in (train_loader.sampler, train_loader.dataset):
             if hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
+        if partial is not None:  # skip the images the stopped execution trained on, in order
+            train_loader.sampler.set_epoch(epoch, start=int(partial["images"]))
         train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
                                 scheduler if is_per_batch(scheduler) else None, scaler,
-                                progress, desc=f"epoch {epoch + 1}")
+                                progress, desc=f"epoch {epoch + 1}", partial=partial,
+                                save_partial=(lambda done, epoch=epoch: save_checkpoint(
+                                    last, state_after(epoch, done))) if can_save_midway else None,
+                                save_every_s=save_every_s)
+        if partial is not None:
+            train_loader.sampler.set_epoch(epoch)  # the loader whole again for whoever uses it next
+            partial = None
         test = evaluate(step_model, test_loader, runtime, progress)
         if not is_per_batch(scheduler):
             scheduler.step(test["acc"])
@@ -357,11 +406,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         improved = test["acc"] > best_acc
         best_acc = max(best_acc, test["acc"])
         if last is not None:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "history": history, "best_acc": best_acc,
-                     "max_lr": max_lr, "signature": signature, "lr_finder": lr_finder,
-                     "sessions": sessions}
+            state = state_after(epoch + 1)
             # best before last: a kill between the two leaves last.pt behind, and the resumed
             # run redoes that epoch and rewrites best.pt with the same weights.
             if improved:
@@ -371,7 +416,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             on_epoch_end(row)
     return FitResult(history, best_acc, max_lr, str(checkpoint_dir) if checkpoint_dir else None,
                      start_epoch, time.perf_counter() - began, lr_finder, sessions,
-                     describe_setup(optimizer, scheduler, criterion, len(train_loader)))
+                     describe_setup(optimizer, scheduler, criterion, steps_per_epoch))
 
 
 def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,

@@ -154,6 +154,40 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "b" / "best.pt").exists()
 
 
+def test_a_run_stopped_inside_an_epoch_continues_it_to_the_same_weights(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=2)  # 96 images at batch 32: 3 steps per epoch
+
+    def run(checkpoint_dir):
+        train_loader, test_loader = tiny_setup(recipe, n_train=96, n_test=32)
+        torch.manual_seed(0)
+        model = TinyNet()
+        return model, train.fit(model, train_loader, test_loader, recipe, max_lr=0.05,
+                                checkpoint_dir=checkpoint_dir, progress=False, save_every_s=0)
+
+    straight_model, straight = run(tmp_path / "a")
+    real_save = train.save_checkpoint
+
+    def save_then_stop_in_epoch_2(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1 and (state["partial"] or {}).get("images") == 64:
+            raise Interrupt  # killed two steps into epoch 2, after a save
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop_in_epoch_2)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (saved["epoch"], saved["partial"]["images"], len(saved["history"])) == (1, 64, 1)
+
+    resumed_model, resumed = run(tmp_path / "b")
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # one step in epoch 2, not three again
+    keys = ("epoch", "lr", "train_loss", "train_acc", "train_images", "test_acc")
+    for got, want in zip(resumed.history, straight.history, strict=True):
+        assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys])
+    assert [r["session"] for r in resumed.history] == [0, 1] and resumed.setup == straight.setup
+    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["partial"] is None
+
+
 def test_resume_refuses_other_settings(tmp_path):
     recipe = S10.with_overrides(epochs=1)
     train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
@@ -253,7 +287,7 @@ def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", full_disk)
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
     recipe = S10.with_overrides(epochs=2)
-    with pytest.raises(train.CheckpointError, match="the disk is full .* resume from epoch 0"):
+    with pytest.raises(train.CheckpointError, match="the disk is full .* resume from the end of epoch 0"):
         train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, max_lr=0.05,
                   checkpoint_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == [], "no partial checkpoint left"

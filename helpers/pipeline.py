@@ -235,8 +235,8 @@ def run_info(run: Run) -> dict[str, str]:
         earlier = ", ".join(f"from epoch {x['from_epoch']} on {x['runtime']} ({x.get('machine', '?')}, "
                             f"{x['time_utc']})" for x in state.get("sessions", []))
         seconds = sum(r["train_seconds"] + r["test_seconds"] for r in state["history"])
-        trained = (f"RESUMED: {state['epoch']} of {run.recipe.epochs} epochs were trained in earlier "
-                   f"executions ({earlier}; {seconds / 60:.0f} min of training)")
+        trained = (f"RESUMED: {state['epoch']} of {run.recipe.epochs} epochs{saved_midway(state)} were "
+                   f"trained in earlier executions ({earlier}; {seconds / 60:.0f} min of training)")
     return {
         "time (UTC)": meta["time_utc"], "device": f"{meta['device_name']} ({run.runtime.describe()})",
         "cpu": f"{meta['cpu']}, {meta['cpu_count']} cores, {meta['torch_threads']} torch threads",
@@ -370,7 +370,11 @@ def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxL
             f"max LR {finder.suggested_lr:.3e} ({finder.rule})")
     # kept at once: on a CPU the test takes minutes and the first checkpoint comes an epoch later
     saved = {"signature": signature, "finder": finder.as_dict()}
-    atomic_write(saved_path, lambda tmp: torch.save(saved, tmp))
+    try:
+        atomic_write(saved_path, lambda tmp: torch.save(saved, tmp))
+    except (OSError, RuntimeError) as err:  # only a shortcut for a later execution: go on without it
+        run.say(f"could not keep the range test in {saved_path} ({err}); a run stopped before its "
+                "first epoch will test again")
     return MaxLR(finder.suggested_lr, "range test", finder)
 
 
@@ -383,7 +387,8 @@ def range_test_signature(run: Run, model: nn.Module, train_loader: DataLoader) -
     data = {k: v for k, v in data_signature(train_loader, train_loader).items()
             if not k.startswith("data.test_")}
     return (recipe_signature(run.recipe) | model_signature(model) | data
-            | {"lr_finder": asdict(run.recipe.lr_finder), "lr_finder_iters": run.settings.lr_finder_iters})
+            | {"lr_finder": asdict(run.recipe.lr_finder),
+               "lr_finder_iters": run.settings.lr_finder_iters or run.recipe.lr_finder.num_iter})
 
 
 def read_saved_range_test(path: Path, signature: dict[str, Any]) -> LRRangeResult | None:

@@ -333,6 +333,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     epoch, and a resumed run continues that epoch where it stopped. `session` is stored with this
     execution's entry in `sessions` (e.g. whether it was a full run).
     """
+    if isinstance(train_loader.sampler, EpochShuffleSampler):  # whole, even after a stopped epoch
+        train_loader.sampler.set_epoch(train_loader.sampler.epoch)
     model = runtime.prepare(model)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
@@ -384,15 +386,17 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                 holder.set_epoch(epoch)
         if partial is not None:  # skip the images the stopped execution trained on, in order
             train_loader.sampler.set_epoch(epoch, start=int(partial["images"]))
-        train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
-                                scheduler if is_per_batch(scheduler) else None, scaler,
-                                progress, desc=f"epoch {epoch + 1}", partial=partial,
-                                save_partial=(lambda done, epoch=epoch: save_checkpoint(
-                                    last, state_after(epoch, done))) if can_save_midway else None,
-                                save_every_s=save_every_s)
-        if partial is not None:
-            train_loader.sampler.set_epoch(epoch)  # the loader whole again for whoever uses it next
-            partial = None
+        try:
+            train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
+                                    scheduler if is_per_batch(scheduler) else None, scaler,
+                                    progress, desc=f"epoch {epoch + 1}", partial=partial,
+                                    save_partial=(lambda done, epoch=epoch: save_checkpoint(
+                                        last, state_after(epoch, done))) if can_save_midway else None,
+                                    save_every_s=save_every_s)
+        finally:
+            if partial is not None:  # the loader whole again, even if this epoch was stopped too
+                train_loader.sampler.set_epoch(epoch)
+        partial = None
         test = evaluate(step_model, test_loader, runtime, progress)
         if not is_per_batch(scheduler):
             scheduler.step(test["acc"])

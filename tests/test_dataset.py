@@ -295,6 +295,8 @@ def test_an_epoch_resumed_midway_loads_the_rest_of_the_same_order():
     train.sampler.set_epoch(3, start=32)
     assert len(train) == 2
     torch.testing.assert_close(torch.cat([y for _, y in train]), whole[32:])
+    train.sampler.set_epoch(4)  # the next epoch is whole again
+    assert len(train) == 4
     with pytest.raises(ValueError, match="start must be in"):
         train.sampler.set_epoch(3, start=65)
 

@@ -88,8 +88,8 @@ def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoi
         assert run.resume_state is None  # stopped before the first epoch: no last.pt
         return pipeline.resolve_max_lr(run, pipeline.build_run_model(run), train_loader)
 
-    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=32, train_subset=64,
-                           test_subset=40, lr_finder_iters=5, out=str(tmp_path / "s10"), progress=False)
+    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=16, train_subset=32,
+                           test_subset=16, lr_finder_iters=4, out=str(tmp_path / "s10"), progress=False)
     first = resolve(settings)
     real_test, calls = pipeline.lr_range_test, []
     monkeypatch.setattr(pipeline, "lr_range_test", lambda *a, **k: calls.append(1) or real_test(*a, **k))
@@ -97,5 +97,9 @@ def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoi
     assert (first.source, again.source) == ("range test", "saved range test") and calls == []
     assert (again.value, again.finder.losses) == (first.value, first.finder.losses)
     assert resolve(replace(settings, seed=1)).source == "range test"  # another init: tested again
+    run = start_run(replace(settings, seed=1))
+    data, summary = pipeline.load_run_data(run)
+    loader, _ = pipeline.build_run_loaders(run, data, summary)
+    assert pipeline.range_test_signature(run, pipeline.build_run_model(run), loader)["seed"] == 1
     (tmp_path / "s10" / pipeline.RANGE_TEST_FILE).write_bytes(b"torn")  # unreadable: tested again
     assert resolve(settings).source == "range test" and len(calls) == 2

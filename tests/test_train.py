@@ -155,37 +155,44 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_a_run_stopped_inside_an_epoch_continues_it_to_the_same_weights(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=2)  # 96 images at batch 32: 3 steps per epoch
+    recipe = S10.with_overrides(epochs=3)  # 96 images at batch 32: 3 steps per epoch
 
-    def run(checkpoint_dir):
-        train_loader, test_loader = tiny_setup(recipe, n_train=96, n_test=32)
+    def run(checkpoint_dir, loaders=None, model=None):
+        train_loader, test_loader = loaders or tiny_setup(recipe, n_train=96, n_test=32)
         torch.manual_seed(0)
-        model = TinyNet()
+        model = model or TinyNet()
         return model, train.fit(model, train_loader, test_loader, recipe, max_lr=0.05,
                                 checkpoint_dir=checkpoint_dir, progress=False, save_every_s=0)
 
     straight_model, straight = run(tmp_path / "a")
-    real_save = train.save_checkpoint
+    real_save, stop_at = train.save_checkpoint, []
 
-    def save_then_stop_in_epoch_2(path, state):
+    def save_then_stop(path, state):
         real_save(path, state)
-        if state["epoch"] == 1 and (state["partial"] or {}).get("images") == 64:
-            raise Interrupt  # killed two steps into epoch 2, after a save
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop_in_epoch_2)
-    with pytest.raises(Interrupt):
-        run(tmp_path / "b")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
-    assert (saved["epoch"], saved["partial"]["images"], len(saved["history"])) == (1, 64, 1)
-
-    resumed_model, resumed = run(tmp_path / "b")
+        if state["epoch"] == 1 and (state["partial"] or {}).get("images") in stop_at:
+            raise Interrupt  # killed inside epoch 2, right after a save
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    # A notebook: the same loaders and model, the training cell stopped, executed again, stopped
+    # again inside the resumed epoch, then executed to the end.
+    loaders = tiny_setup(recipe, n_train=96, n_test=32)
+    torch.manual_seed(0)
+    model = TinyNet()
+    for images in (32, 64):
+        stop_at[:] = [images]
+        with pytest.raises(Interrupt):
+            run(tmp_path / "b", loaders, model)
+        saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
+        assert (saved["epoch"], saved["partial"]["images"], len(saved["history"])) == (1, images, 1)
+    stop_at[:] = []
+    resumed_model, resumed = run(tmp_path / "b", loaders, model)
     for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # one step in epoch 2, not three again
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the rest of epoch 2, not all of it again
     keys = ("epoch", "lr", "train_loss", "train_acc", "train_images", "test_acc")
     for got, want in zip(resumed.history, straight.history, strict=True):
         assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys])
-    assert [r["session"] for r in resumed.history] == [0, 1] and resumed.setup == straight.setup
+    assert [r["session"] for r in resumed.history] == [0, 2, 2] and resumed.setup == straight.setup
     assert train.load_checkpoint(tmp_path / "b" / "last.pt")["partial"] is None
+    assert len(loaders[0]) == 3  # the loader is whole again for the analysis
 
 
 def test_resume_refuses_other_settings(tmp_path):

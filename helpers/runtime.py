@@ -103,6 +103,14 @@ class Runtime:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
+    def stepper(self, model: nn.Module) -> nn.Module:
+        """The module training steps: the model itself, or torch.compile'd when asked.
+
+        Static shapes: a run sees four batch sizes (train and eval, full and last), each compiled
+        once, so the full batches keep a graph specialised to their size.
+        """
+        return torch.compile(model, dynamic=False) if self.compile else model
+
     def autocast(self):
         """Autocast context for the forward pass (a no-op in fp32)."""
         dtype = self.amp_dtype or torch.float32

@@ -340,7 +340,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
     scaler = runtime.scaler()
     criterion = build_criterion(recipe)
-    step_model = torch.compile(model) if runtime.compile else model
+    step_model = runtime.stepper(model)
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
     steps_per_epoch = len(train_loader)  # before a resumed epoch shortens the loader
     history: list[dict[str, Any]] = []

@@ -34,6 +34,7 @@ from .recipes import RECIPES, Recipe, get_recipe
 from .runtime import (
     Runtime,
     atomic_write,
+    git_commit,
     pick_device,
     remove_stale_temporaries,
     run_metadata,
@@ -412,7 +413,7 @@ def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader:
     result = fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
                  checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
                  on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
-                 session={"full_run": run.settings.is_full_run})
+                 session={"full_run": run.settings.is_full_run, "git_commit": git_commit()})
     if run.settings.resume:
         run.resume_state = read_resume_state(run.out)
     return result

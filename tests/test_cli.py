@@ -33,6 +33,8 @@ def test_a_run_writes_metrics_checkpoints_and_figures(s10_run):
     assert metrics["data"] == {"source": "synthetic(seed=0)", "copy": "synthetic", "train": 64, "test": 40}
     assert metrics["metadata"]["device"] == "cpu" and metrics["settings"]["recipe"] == "s10"
     assert metrics["resumes"] == 0 and len(metrics["sessions"]) == 1
+    # each session names the code that trained it (metadata names the code that finished the run)
+    assert metrics["sessions"][0]["git_commit"] == metrics["metadata"]["git_commit"] is not None
     names = {p.name for p in out.iterdir()}
     assert {"metrics.json", "last.pt", "best.pt", "samples.png", "class_distribution.png",
             "augmentations.png", "lr_finder.png", "history.png"} <= names
@@ -55,8 +57,8 @@ def test_a_rerun_keeps_the_checkpoint_lr_and_range_test_and_trains_nothing(s10_r
 
 
 def test_a_killed_run_resumes_and_counts_its_sessions(tmp_path, monkeypatch):
-    out = tmp_path / "s8"
-    args = ["train", "--recipe", "s8", "--out", str(out)] + [a if a != "1" else "2" for a in TINY]
+    out = tmp_path / "s9"  # the smallest network: this test is about sessions, not the model
+    args = ["train", "--recipe", "s9", "--out", str(out)] + [a if a != "1" else "2" for a in TINY]
     original = train.save_checkpoint
 
     def killed_after_first_epoch(path, state):
@@ -129,11 +131,11 @@ def test_bad_folders_are_one_line_errors(tmp_path, capsys, where, message):
 
 
 def test_resume_with_other_data_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "s8"
-    assert main(["train", "--recipe", "s8", "--out", str(out)] + TINY) == 0
+    out = tmp_path / "s9"
+    assert main(["train", "--recipe", "s9", "--out", str(out)] + TINY) == 0
     monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
     other = [a if a != "40" else "48" for a in TINY]  # another test subset size
-    assert main(["train", "--recipe", "s8", "--out", str(out)] + other) == 2
+    assert main(["train", "--recipe", "s9", "--out", str(out)] + other) == 2
     assert "data.test_size 40 -> 48" in capsys.readouterr().err
 
 

@@ -375,7 +375,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # e.g. PermissionError
         return True  # exists but is not ours, or cannot be asked: keep its file
     return True
 

@@ -333,16 +333,17 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
     epoch, and a resumed run continues that epoch where it stopped. `session` is stored with this
     execution's entry in `sessions` (e.g. whether it was a full run).
     """
-    if isinstance(train_loader.sampler, EpochShuffleSampler):  # whole, even after a stopped epoch
+    midway_sampler = isinstance(train_loader.sampler, EpochShuffleSampler)  # can resume inside an epoch
+    if midway_sampler:  # whole, even after an epoch stopped in an earlier call
         train_loader.sampler.set_epoch(train_loader.sampler.epoch)
+    steps_per_epoch = len(train_loader)
     model = runtime.prepare(model)
     optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, max_lr)
     scaler = runtime.scaler()
     criterion = build_criterion(recipe)
     step_model = runtime.stepper(model)
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
-    steps_per_epoch = len(train_loader)  # before a resumed epoch shortens the loader
     history: list[dict[str, Any]] = []
     sessions: list[dict[str, Any]] = []
     best_acc, start_epoch, partial = -1.0, 0, None
@@ -358,7 +359,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
         sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
         partial = state.get("partial")  # an epoch stopped midway: continue it, do not redo it
-        if partial is not None and not isinstance(train_loader.sampler, EpochShuffleSampler):
+        if partial is not None and not midway_sampler:
             raise CheckpointError(f"{str(last)!r} stopped inside an epoch, which only a loader with "
                                   "EpochShuffleSampler can continue; build the loaders with build_loaders")
     if start_epoch < recipe.epochs:
@@ -379,7 +380,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                 "max_lr": max_lr, "signature": signature, "lr_finder": lr_finder,
                 "sessions": sessions, "partial": partial}
 
-    can_save_midway = last is not None and isinstance(train_loader.sampler, EpochShuffleSampler)
+    can_save_midway = last is not None and midway_sampler
     for epoch in epochs:
         for holder in (train_loader.sampler, train_loader.dataset):
             if hasattr(holder, "set_epoch"):

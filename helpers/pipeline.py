@@ -461,13 +461,13 @@ def data_figures(data: CifarArrays, summary: DataSummary, train_loader: DataLoad
 
 
 def result_figures(data: CifarArrays, result: FitResult, analysis: Analysis,
-                   max_lr: MaxLR) -> dict[str, Figure]:
+                   max_lr: MaxLR, recipe: Recipe) -> dict[str, Figure]:
     """LR range test (when there was one), history, misclassified images and both GradCAM grids."""
     figures = {}
     if max_lr.finder is not None:
         figures["lr_finder"] = visualize.plot_lr_finder(max_lr.finder)
     if result.history:
-        figures["history"] = visualize.plot_history(result.history)
+        figures["history"] = visualize.plot_history(result.history, recipe.label_smoothing)
     if len(analysis.indices):
         p, i = analysis.predictions, analysis.indices
         figures["misclassified"] = visualize.plot_misclassified(data.test_images, i, p, data.classes)
@@ -567,7 +567,7 @@ def run_recipe(settings: RunSettings) -> dict[str, Any]:
     max_lr = resolve_max_lr(run, model, train_loader)
     result = train_run(run, model, train_loader, test_loader, max_lr)
     analysis = analyse(model, test_loader, run.recipe, run.runtime, settings.progress)
-    figures |= result_figures(data, result, analysis, max_lr)
+    figures |= result_figures(data, result, analysis, max_lr, run.recipe)
     return finish_run(run, data, result, analysis, max_lr, figures)
 
 

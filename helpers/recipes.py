@@ -123,9 +123,9 @@ S8 = Recipe(
 
 # The small network of S9: no range test (a fixed SGD peak that suits BatchNorm nets of this size),
 # One Cycle over 30 epochs ending near zero, since S9 sets no rule against annihilation.
-# Full runs (JPEG copy, seed 0, 30 epochs, 2-core EPYC, benchmarks/runs.jsonl): this recipe ended
-# at 84.68%; batch 128 with a peak of 0.1 (twice the steps, same epoch time) at 84.40%. Both are
-# short of the 85% target and both underfit (84.35% / 83.85% train accuracy on augmented images).
+# Full runs (JPEG copy, seed 0, 30 epochs, 2-core EPYC, benchmarks/runs.jsonl), all short of the
+# 85% target: this recipe 84.78%; with 128 channels (174,954 parameters) and label smoothing 0.1,
+# 84.68% (84.35% train accuracy on augmented images: it underfit), and 84.40% at batch 128, peak 0.1.
 S9 = Recipe(
     name="s9",
     model="dilated_dwsep_net",
@@ -139,8 +139,8 @@ S9 = Recipe(
     # flip, shift-scale-rotate (as one Affine), one 16x16 hole of the mean half of the time
     augment=Augment(crop_padding=0, hflip_p=0.5, shift_limit=0.0625, scale_limit=0.1,
                     rotate_limit=10.0, cutout_size=16, cutout_p=0.5),
-    gradcam_layer="c4",  # 128x8x8, the last map
-    label_smoothing=0.1,
+    gradcam_layer="c4",  # 144x8x8, the last map
+    label_smoothing=0.0,  # the 128-wide network underfit (train acc below test acc): no extra regularizer
     onecycle=OneCycle(peak_epoch=6, div_factor=20.0, final_div_factor=200.0, max_lr=0.2),
 )
 

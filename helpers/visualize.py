@@ -103,15 +103,16 @@ def plot_lr_finder(result) -> Figure:
     return fig
 
 
-def plot_history(history: list[dict]) -> Figure:
-    """Loss and accuracy (train vs test) and the LR, per epoch."""
+def plot_history(history: list[dict], label_smoothing: float = 0.0) -> Figure:
+    """Loss and accuracy (train vs test) and the LR, per epoch; the title names the train loss's smoothing."""
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for split in ("train", "test"):
         loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker=".", label=split)
         acc_ax.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker=".", label=split)
-    loss_ax.set_title("loss (train: with label smoothing)")
+    loss_ax.set_title(f"loss (train: label smoothing {label_smoothing:g})" if label_smoothing
+                      else "loss (cross-entropy)")
     acc_ax.set_title(f"accuracy, final test {100 * history[-1]['test_acc']:.2f}%")
     acc_ax.set_ylabel("%")
     lr_ax.plot(epochs, [r["lr"] for r in history], marker=".", color="C2")

@@ -49,9 +49,9 @@ def test_parameter_count_under_200k_and_equal_to_the_layer_shapes():
         return conv(c_in, c_in, 3, groups=c_in) + conv(c_in, c_out, 1) + bn(c_out)
 
     design = (conv(3, 32) + bn(32) + conv(32, 64) + bn(64)  # c1
-              + 2 * (conv(64, 64) + bn(64)) + sep(64, 128)  # c2
-              + 2 * sep(128, 128) + 2 * sep(128, 128)  # c3, c4
-              + 128 * 10 + 10)  # head
+              + 2 * (conv(64, 64) + bn(64)) + sep(64, 144)  # c2
+              + 2 * sep(144, 144) + 2 * sep(144, 144)  # c3, c4
+              + 144 * 10 + 10)  # head
     by_module = 0
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -95,7 +95,7 @@ def test_global_average_pool_then_ten_classes():
     pooled = {}
     model.gap.register_forward_hook(lambda m, i, o: pooled.__setitem__("shape", tuple(o.shape)))
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
-    assert pooled["shape"] == (3, 128, 1, 1)
+    assert pooled["shape"] == (3, 144, 1, 1)
 
 
 def test_gradcam_layer_map_is_at_least_8x8():
@@ -105,7 +105,7 @@ def test_gradcam_layer_map_is_at_least_8x8():
         model.get_submodule(name).register_forward_hook(
             lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
     model(torch.randn(1, 3, 32, 32))
-    assert shapes == {"c1": (64, 16, 16), "c2": (128, 8, 8), "c3": (128, 8, 8), "c4": (128, 8, 8)}
+    assert shapes == {"c1": (64, 16, 16), "c2": (144, 8, 8), "c3": (144, 8, 8), "c4": (144, 8, 8)}
 
 
 def test_receptive_field_over_44():

@@ -38,6 +38,10 @@ def test_training_plots():
                 "train_acc": 0.5 + e / 10, "test_acc": 0.45 + e / 10} for e in (1, 2, 3)]
     fig = visualize.plot_history(history)
     assert len(fig.axes) == 3 and "75.00%" in fig.axes[1].get_title()
+    train_losses = fig.axes[0].get_lines()[0].get_ydata()
+    assert list(train_losses) == [r["train_loss"] for r in history]
+    assert "smoothing" not in fig.axes[0].get_title()  # plain cross-entropy unless the recipe smooths
+    assert "smoothing 0.1" in visualize.plot_history(history, 0.1).axes[0].get_title()
 
 
 def test_misclassified_and_gradcam_grids_share_order(tmp_path):

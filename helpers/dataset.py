@@ -272,7 +272,7 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
         shift = round(aug.shift_limit * 32)
         steps.append(A.Affine(translate_px=(-shift, shift),
                               scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
-                              rotate=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
+                              rotate=(-aug.rotate_limit, aug.rotate_limit), p=aug.affine_p,
                               keep_ratio=True,  # one zoom for both axes, as ShiftScaleRotate
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
     elif train and aug.rotate_limit:

@@ -459,3 +459,15 @@ def test_s9_pipeline_flips_half_the_time_and_cuts_one_16x16_mean_hole_half_the_t
     flipped = [np.array_equal(o, random_image[:, ::-1]) for o in flips]
     assert all(f or np.array_equal(o, random_image) for f, o in zip(flipped, flips))
     assert 0.4 < np.mean(flipped) < 0.6
+
+
+def test_s9_warps_half_the_images_and_leaves_the_others_untouched(random_image):
+    aug = S9.augment
+    assert aug.affine_p == 0.5
+    ssr = only(S9, shift_limit=aug.shift_limit, scale_limit=aug.scale_limit,
+               rotate_limit=aug.rotate_limit, affine_p=aug.affine_p)
+    outs = draws(get_transforms(ssr, True, MEAN, STD), random_image, n=300)
+    untouched = [np.array_equal(o, random_image) for o in outs]
+    # a warped image is interpolated: it keeps well under half of its pixels exactly
+    assert all(u or (o == random_image).mean() < 0.5 for u, o in zip(untouched, outs))
+    assert 0.4 < np.mean(untouched) < 0.6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -72,7 +73,7 @@ def _interrupted_message(out, resume: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every expected failure is one line on stderr and exit status 2 (130 for Ctrl-C)."""
+    """Entry point: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
     args = parse_args(argv)
     # Imports after parsing: `--help` and flag errors answer at once, without loading torch.
     from .dataset import DataError
@@ -86,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         run_recipe(settings)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             traceback.print_exc()
         out = settings.out_dir if settings else args.out
         print(f"\n{_interrupted_message(out, not args.no_resume)}", file=sys.stderr)
-        return 130
+        return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
     except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, OSError) as err:
         if debug:
             traceback.print_exc()

@@ -8,9 +8,12 @@ import hashlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +108,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
                     desc: str = "train", partial: dict[str, float] | None = None,
                     save_partial: Callable[[dict[str, float]], None] | None = None,
-                    save_every_s: float = math.inf) -> dict[str, float]:
+                    save_every_s: float = math.inf,
+                    stop_signals: list[int] | None = None) -> dict[str, float]:
     """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR.
 
     `partial` is the progress an earlier execution made in this epoch (the loader then holds only
-    the images it had not seen); `save_partial` receives the progress every `save_every_s` seconds.
+    the images it had not seen); `save_partial` receives the progress every `save_every_s` seconds,
+    and once more before `TrainingStopped` when a signal lands in `stop_signals`.
     """
     model.train()
     scaler = scaler or runtime.scaler()
@@ -145,6 +150,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if save_partial is not None and time.perf_counter() - last_save >= save_every_s:
             save_partial(progress_so_far())
             last_save = time.perf_counter()
+        if stop_signals and save_partial is not None:  # checked before fetching the next batch
+            save_partial(progress_so_far())
+            raise TrainingStopped(stop_signals[0])
     done = progress_so_far()
     return {"loss": done["loss_sum"] / max(seen, 1), "acc": done["correct"] / max(seen, 1),
             "seconds": done["seconds"], "images": seen, "lr": lr}
@@ -302,8 +310,46 @@ def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str |
 
 # ----------------------------------------------------------------------------- fit
 
-# A CPU epoch takes 3-45 minutes (S9 to S8 on 2 cores); a stopped run loses at most this much.
+# A CPU epoch takes 3-45 minutes (S9 to S8 on 2 cores); a killed run loses at most this much.
 SAVE_EVERY_S = 600.0
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stop asked for by SIGINT or SIGTERM, raised once the progress so far is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def save_then_stop_on_signals(enabled: bool = True) -> Iterator[list[int]]:
+    """While inside, SIGINT and SIGTERM are appended to the yielded list instead of stopping at once.
+
+    The training loop saves and raises `TrainingStopped` when it sees one; a second signal stops at
+    once (KeyboardInterrupt). A signal the process ignores stays ignored (SIGINT in a background
+    job). Off the main thread, where handlers cannot be set, or when not enabled, nothing changes.
+    """
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def ask_to_stop(signum: int, frame) -> None:
+        if received:  # asked twice: the user does not want to wait for the save
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, ask_to_stop)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler set outside Python, which getsignal cannot return; the default is closest
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @dataclass
@@ -381,44 +427,47 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                 "sessions": sessions, "partial": partial}
 
     can_save_midway = last is not None and midway_sampler
-    for epoch in epochs:
-        for holder in (train_loader.sampler, train_loader.dataset):
-            if hasattr(holder, "set_epoch"):
-                holder.set_epoch(epoch)
-        if partial is not None:  # skip the images the stopped execution trained on, in order
-            train_loader.sampler.set_epoch(epoch, start=int(partial["images"]))
-        try:
-            train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
-                                    scheduler if is_per_batch(scheduler) else None, scaler,
-                                    progress, desc=f"epoch {epoch + 1}", partial=partial,
-                                    save_partial=(lambda done, epoch=epoch: save_checkpoint(
-                                        last, state_after(epoch, done))) if can_save_midway else None,
-                                    save_every_s=save_every_s)
-        finally:
-            if partial is not None:  # the loader whole again, even if this epoch was stopped too
-                train_loader.sampler.set_epoch(epoch)
-        partial = None
-        test = evaluate(step_model, test_loader, runtime, progress)
-        if not is_per_batch(scheduler):
-            scheduler.step(test["acc"])
-        row = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"],
-               "train_acc": train["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-               "train_seconds": train["seconds"], "test_seconds": test["seconds"],
-               "train_images": train["images"], "test_images": test["images"],
-               "session": len(sessions) - 1}
-        history = history + [row]
-        epochs.set_postfix(train_acc=f"{train['acc']:.3f}", test_acc=f"{test['acc']:.4f}")
-        improved = test["acc"] > best_acc
-        best_acc = max(best_acc, test["acc"])
-        if last is not None:
-            state = state_after(epoch + 1)
-            # best before last: a kill between the two leaves last.pt behind, and the resumed
-            # run redoes that epoch and rewrites best.pt with the same weights.
-            if improved:
-                save_checkpoint(last.with_name("best.pt"), state)
-            save_checkpoint(last, state)
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+    with save_then_stop_on_signals(enabled=can_save_midway) as stop_signals:
+        for epoch in epochs:
+            for holder in (train_loader.sampler, train_loader.dataset):
+                if hasattr(holder, "set_epoch"):
+                    holder.set_epoch(epoch)
+            if partial is not None:  # skip the images the stopped execution trained on, in order
+                train_loader.sampler.set_epoch(epoch, start=int(partial["images"]))
+            try:
+                train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
+                                        scheduler if is_per_batch(scheduler) else None, scaler,
+                                        progress, desc=f"epoch {epoch + 1}", partial=partial,
+                                        save_partial=(lambda done, epoch=epoch: save_checkpoint(
+                                            last, state_after(epoch, done))) if can_save_midway else None,
+                                        save_every_s=save_every_s, stop_signals=stop_signals)
+            finally:
+                if partial is not None:  # the loader whole again, even if this epoch was stopped too
+                    train_loader.sampler.set_epoch(epoch)
+            partial = None
+            test = evaluate(step_model, test_loader, runtime, progress)
+            if not is_per_batch(scheduler):
+                scheduler.step(test["acc"])
+            row = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"],
+                   "train_acc": train["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+                   "train_seconds": train["seconds"], "test_seconds": test["seconds"],
+                   "train_images": train["images"], "test_images": test["images"],
+                   "session": len(sessions) - 1}
+            history = history + [row]
+            epochs.set_postfix(train_acc=f"{train['acc']:.3f}", test_acc=f"{test['acc']:.4f}")
+            improved = test["acc"] > best_acc
+            best_acc = max(best_acc, test["acc"])
+            if last is not None:
+                state = state_after(epoch + 1)
+                # best before last: a kill between the two leaves last.pt behind, and the resumed
+                # run redoes that epoch and rewrites best.pt with the same weights.
+                if improved:
+                    save_checkpoint(last.with_name("best.pt"), state)
+                save_checkpoint(last, state)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+            if stop_signals and epoch + 1 < recipe.epochs:  # asked during the evaluation: saved above
+                raise TrainingStopped(stop_signals[0])
     return FitResult(history, best_acc, max_lr, str(checkpoint_dir) if checkpoint_dir else None,
                      start_epoch, time.perf_counter() - began, lr_finder, sessions,
                      describe_setup(optimizer, scheduler, criterion, steps_per_epoch))

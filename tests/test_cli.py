@@ -3,6 +3,7 @@ with one line and exit status 2 before any work."""
 
 import json
 import re
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -87,6 +88,14 @@ def test_ctrl_c_is_one_line_with_where_to_resume(tmp_path, monkeypatch, capsys):
     assert main(["train", "--recipe", "s8", "--out", str(tmp_path / "o")] + TINY) == 130
     err = capsys.readouterr().err.strip()
     assert err == "interrupted; no epoch was saved yet; run the same command to resume"
+
+
+def test_a_sigterm_stop_exits_with_the_shells_status_for_it(tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise train.TrainingStopped(signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "fit", stopped)
+    assert main(["train", "--recipe", "s8", "--out", str(tmp_path / "o")] + TINY) == 128 + 15
 
 
 @pytest.mark.parametrize("flags, message", [

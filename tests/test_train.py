@@ -1,6 +1,8 @@
 """Training: it learns, the schedules have the assignments' shapes, checkpoints resume exactly."""
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -193,6 +195,84 @@ def test_a_run_stopped_inside_an_epoch_continues_it_to_the_same_weights(tmp_path
     assert [r["session"] for r in resumed.history] == [0, 2, 2] and resumed.setup == straight.setup
     assert train.load_checkpoint(tmp_path / "b" / "last.pt")["partial"] is None
     assert len(loaders[0]) == 3  # the loader is whole again for the analysis
+
+
+def send_on_step(monkeypatch, signals_by_step: dict[int, list[int]]) -> None:
+    """Make the process signal itself inside the optimizer steps named (1-based over the run)."""
+    real_step, calls = train.optimizer_step, [0]
+
+    def step_and_signal(*args):
+        calls[0] += 1
+        for signum in signals_by_step.get(calls[0], []):
+            os.kill(os.getpid(), signum)
+        real_step(*args)
+    monkeypatch.setattr(train, "optimizer_step", step_and_signal)
+
+
+def test_sigterm_inside_an_epoch_saves_that_step_stops_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=3)  # 96 images at batch 32: 3 steps per epoch
+
+    def run(checkpoint_dir):
+        torch.manual_seed(0)
+        model = TinyNet()
+        return model, train.fit(model, *tiny_setup(recipe, n_train=96, n_test=32), recipe, max_lr=0.05,
+                                checkpoint_dir=checkpoint_dir, progress=False)
+
+    straight_model, straight = run(tmp_path / "a")
+    send_on_step(monkeypatch, {5: [signal.SIGTERM]})  # the 2nd step of epoch 2
+    with pytest.raises(train.TrainingStopped) as stopped:
+        run(tmp_path / "b")
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the default is back: a kill kills
+    saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (saved["epoch"], saved["partial"]["images"]) == (1, 64)  # the step it was in is kept
+    monkeypatch.undo()
+    resumed_model, resumed = run(tmp_path / "b")
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    accuracies = [[r["test_acc"] for r in run.history] for run in (resumed, straight)]
+    assert accuracies[0] == pytest.approx(accuracies[1])
+
+
+def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=3)
+    real_evaluate = train.evaluate
+
+    def evaluate_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", evaluate_and_signal)
+    with pytest.raises(train.TrainingStopped):
+        train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
+                  checkpoint_dir=tmp_path, progress=False)
+    saved = train.load_checkpoint(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["partial"], len(saved["history"])) == (1, None, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=2)
+    send_on_step(monkeypatch, {4: [signal.SIGTERM, signal.SIGTERM]})  # 2 steps per epoch
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
+                  checkpoint_dir=tmp_path, progress=False)
+    assert not isinstance(stopped.value, train.TrainingStopped)
+    saved = train.load_checkpoint(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["partial"]) == (1, None)  # the epoch-end save, nothing after it
+
+
+def test_an_ignored_sigint_stays_ignored_and_without_checkpoints_signals_are_untouched(tmp_path, monkeypatch):
+    recipe = S10.with_overrides(epochs=2)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job started by a script
+    try:
+        send_on_step(monkeypatch, {2: [signal.SIGINT]})
+        result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
+                           checkpoint_dir=tmp_path, progress=False)
+        assert len(result.history) == 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with train.save_then_stop_on_signals(enabled=False) as received:  # fit without a checkpoint folder
+        assert signal.getsignal(signal.SIGINT) is previous and received == []
 
 
 def test_resume_refuses_other_settings(tmp_path):

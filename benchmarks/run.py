@@ -4,6 +4,7 @@
     python -m benchmarks.run record runs/s10                                  # a finished CLI run's metrics
     python -m benchmarks.run throughput --recipe s10 --data-dir DIR [--plain]   # model- vs loader-bound
     python -m benchmarks.run report                                           # rewrite results.md
+    python -m benchmarks.run notebook S10_Assignment.ipynb --data-dir DIR     # execute it on its run
 
 Every record is one JSON line appended to benchmarks/runs.jsonl (git commit, command, device,
 versions, data copy, history, accuracy, times, images/s); results.md is generated from that log.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -21,7 +23,7 @@ from typing import Any
 
 from helpers.pipeline import RunSettings, build_run_loaders, load_run_data, run_recipe, start_run
 from helpers.recipes import RECIPES
-from helpers.runtime import run_metadata
+from helpers.runtime import atomic_write, run_metadata
 
 from . import throughput
 
@@ -100,6 +102,28 @@ def measure_throughput(args: argparse.Namespace) -> None:
                    "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
                    else "loader", "data": {"source": data.source}, "runtime": run.runtime.as_dict(),
                    "metadata": run_metadata(run.runtime)}, args.log)
+
+
+def execute_notebook(args: argparse.Namespace) -> None:
+    """Run every cell of a notebook in a fresh kernel and save it with its outputs, in place.
+
+    Executed after its run has finished, the notebook resumes at the last epoch and shows that
+    run's real history and analysis. The kernel sees `--data-dir` as CIFAR_DATA_DIR and no
+    progress bars; the file is replaced only when every cell has run.
+    """
+    import nbformat  # the dev extra: only this subcommand needs Jupyter
+    from nbclient import NotebookClient
+
+    path = Path(args.notebook)
+    if not path.is_file():
+        raise SystemExit(f"error: no notebook {path}; pass one of the *_Assignment.ipynb files")
+    notebook = nbformat.read(path, as_version=4)
+    env = os.environ | {"CIFAR_PROGRESS": "0"}  # a bar's redraws would be committed as output
+    if args.data_dir:
+        env["CIFAR_DATA_DIR"] = args.data_dir  # relative to the notebook's folder, where the kernel runs
+    NotebookClient(notebook, timeout=None, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute(env=env)
+    atomic_write(path, lambda tmp: nbformat.write(notebook, tmp))
 
 
 def _command() -> str:
@@ -181,13 +205,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("run_dir")
     r.add_argument("--note")
     sub.add_parser("report")
+    n = sub.add_parser("notebook", help="execute a notebook in place (after its run has finished)")
+    n.add_argument("notebook")
+    n.add_argument("--data-dir", help="the run's data folder, given to the notebook as CIFAR_DATA_DIR")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    {"train": train, "record": record, "throughput": measure_throughput,
+    {"train": train, "record": record, "throughput": measure_throughput, "notebook": execute_notebook,
      "report": lambda a: write_report(a.log, a.log.with_name(REPORT.name))}[args.command](args)
     return 0
 

@@ -397,8 +397,9 @@ def default_num_workers(device: torch.device | str) -> int:
 
     One loader process augments 2,000-5,000 images/s (measured on 2-core CPUs). A GPU trains faster
     than that, so a GPU run wants every spare core. On a 2-core CPU the model is the bottleneck
-    (S10 ~48, S8 ~36, S9 ~390 img/s in fp32): augmenting in the main process costs 1-17% there,
-    and a worker process would take that time from the model's two threads anyway.
+    (S10 ~48, S8 ~36, S9 ~390 img/s in fp32 on a Zen 3; S10 ~260, S8 ~160, S9 ~1,260 in bf16 on a
+    Zen 5): augmenting in the main process costs 1-17% there, and a worker process would take that
+    time from the model's two threads anyway.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.device(device).type == "cuda":

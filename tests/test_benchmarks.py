@@ -54,3 +54,30 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     assert measured["kind"] == "throughput" and measured["limit"] in ("model", "loader")
     assert measured["model"]["train_images_per_second"] > 0 and measured["loader"]["images"] > 0
     assert "| s9 |" in (tmp_path / "results.md").read_text().split("## Where the time goes")[1]
+
+
+def _one_cell_notebook(path, source):
+    import nbformat
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(notebook, path)
+
+
+def test_notebook_is_executed_in_place_with_the_data_folder_and_kept_whole_on_failure(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+
+    path = tmp_path / "S0_Assignment.ipynb"
+    monkeypatch.setenv("CIFAR_PROGRESS", "1")  # conftest's smoke setting would hide the override
+    _one_cell_notebook(path, "import os\nprint(os.environ['CIFAR_DATA_DIR'], os.environ['CIFAR_PROGRESS'], "
+                             "os.getcwd())")
+    assert main(["notebook", str(path), "--data-dir", "data/cifar10-jpeg"]) == 0
+    (output,) = nbformat.read(path, as_version=4).cells[0].outputs
+    assert output.text.split() == ["data/cifar10-jpeg", "0", str(tmp_path)]
+
+    broken = "raise RuntimeError('cell failed')"
+    _one_cell_notebook(path, broken)
+    before = path.read_bytes()
+    with pytest.raises(CellExecutionError, match="cell failed"):
+        main(["notebook", str(path)])
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]

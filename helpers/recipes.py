@@ -128,7 +128,8 @@ S8 = Recipe(
 # every image, all short of the 85% target and underfitting (train accuracy on augmented images at
 # or below test accuracy): 84.78% with this network; with 128 channels (174,954 parameters) and
 # label smoothing 0.1, 84.68%, and 84.40% at batch 128, peak 0.1. Hence the warp on half the
-# images, as albumentations' ShiftScaleRotate defaulted to (p=0.5) when the assignment was set.
+# images, as albumentations' ShiftScaleRotate defaulted to (p=0.5) when the assignment was set:
+# 87.21% (same data and seed, bf16 on a 2-core Zen 5 EPYC).
 S9 = Recipe(
     name="s9",
     model="dilated_dwsep_net",

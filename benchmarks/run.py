@@ -61,6 +61,8 @@ def train(args: argparse.Namespace) -> None:
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
                                test_subset=args.test_subset, max_lr=args.max_lr, seed=seed,
+                               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                               div_factor=args.div_factor,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
         append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
@@ -102,6 +104,11 @@ def measure_throughput(args: argparse.Namespace) -> None:
                    "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
                    else "loader", "data": {"source": data.source}, "runtime": run.runtime.as_dict(),
                    "metadata": run_metadata(run.runtime)}, args.log)
+
+
+def _short_commit(commit: str | None) -> str:
+    """A commit as 8 hex digits, keeping the "+dirty" mark of a run from uncommitted code."""
+    return str(commit)[:8] + ("+dirty" if str(commit).endswith("+dirty") else "")
 
 
 def execute_notebook(args: argparse.Namespace) -> None:
@@ -158,7 +165,8 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
             f"({meta['cpu_count']} cores) | {meta['runtime']} | {r['data']['copy']} | "
             f"{r['settings']['seed']} | {r['epochs']} | {_pct(r['final_test_acc'])} | "
             f"{_pct(r['best_test_acc'])} | {r['training_seconds'] / 60:.1f} min | "
-            f"{r['train_images_per_second'] or 0:.0f} | {r['resumes']} | {str(meta['git_commit'])[:8]} | "
+            f"{r['train_images_per_second'] or 0:.0f} | {r['resumes']} | "
+            f"{_short_commit(meta['git_commit'])} | "
             f"{_cell(r.get('note'))} |")
     lines += ["", "## Where the time goes", "",
               "Model-bound: train steps (forward, backward, update) and evaluation on one batch already on "
@@ -198,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("--epochs", "--train-subset", "--test-subset"):
         t.add_argument(flag, type=int)
     t.add_argument("--max-lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--div-factor", type=float)
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)

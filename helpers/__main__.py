@@ -28,6 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
     p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
+    p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
+    p.add_argument("--label-smoothing", type=float,
+                   help="override the recipe's label smoothing (tuning runs)")
+    p.add_argument("--div-factor", type=float,
+                   help="One Cycle: start and end LR = max LR / this (tuning runs; recipe: 10)")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
@@ -51,7 +56,8 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
-        max_lr=args.max_lr, lr_finder_iters=args.lr_finder_iters, train_subset=args.train_subset,
+        max_lr=args.max_lr, lr_finder_iters=args.lr_finder_iters, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, div_factor=args.div_factor, train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,
         progress=not args.no_progress)

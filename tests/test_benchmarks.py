@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.run import main, read_records
+from benchmarks.run import _short_commit, main, read_records
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
 
@@ -54,6 +54,11 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     assert measured["kind"] == "throughput" and measured["limit"] in ("model", "loader")
     assert measured["model"]["train_images_per_second"] > 0 and measured["loader"]["images"] > 0
     assert "| s9 |" in (tmp_path / "results.md").read_text().split("## Where the time goes")[1]
+
+
+def test_the_report_shows_a_run_from_uncommitted_code_as_dirty():
+    assert _short_commit("0123456789abcdef+dirty") == "01234567+dirty"
+    assert _short_commit("0123456789abcdef") == "01234567" and _short_commit(None) == "None"
 
 
 def _one_cell_notebook(path, source):

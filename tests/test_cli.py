@@ -8,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from helpers import pipeline, train
 from helpers.__main__ import main
@@ -98,7 +99,40 @@ def test_a_sigterm_stop_exits_with_the_shells_status_for_it(tmp_path, monkeypatc
     assert main(["train", "--recipe", "s8", "--out", str(tmp_path / "o")] + TINY) == 128 + 15
 
 
+def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_full(tmp_path, monkeypatch):
+    out = tmp_path / "s9"
+    args = ["train", "--recipe", "s9", "--out", str(out), "--weight-decay", "0.003",
+            "--label-smoothing", "0.25", "--div-factor", "40"] + TINY
+    smoothing = []
+    original_loss = train.nn.CrossEntropyLoss
+
+    def recording_loss(*a, **k):
+        smoothing.append(k.get("label_smoothing"))
+        return original_loss(*a, **k)
+
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", recording_loss)
+    assert main(args) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.003, 0.0]
+    # S9's fixed peak 0.2 and final div factor 200: One Cycle starts at 0.2/40, ends 200 times lower
+    assert groups[0]["initial_lr"] == pytest.approx(0.2 / 40) and groups[0]["max_lr"] == 0.2
+    assert groups[0]["min_lr"] == pytest.approx(0.2 / 40 / 200)
+    assert smoothing and set(smoothing) == {0.25}
+    metrics = json.loads((out / "metrics.json").read_text())
+    settings = metrics["settings"]
+    assert (settings["weight_decay"], settings["label_smoothing"]) == (0.003, 0.25)
+    assert settings["div_factor"] == 40
+    assert not metrics["full_run"]
+    # the checkpoint was trained with other settings: resuming it with the recipe's is refused
+    assert main(args[:5] + TINY) == 2
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--weight-decay=-1e-4"], "weight_decay must be a finite number >= 0, got -0.0001"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+    (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
+    (["--div-factor", "1"], "div_factor must be a finite number > 1, got 1.0"),
     (["--max-lr", "0"], "max_lr must be a positive finite number, got 0.0"),
     (["--max-lr", "-0.01"], "max_lr must be a positive finite number"),
     (["--max-lr", "nan"], "max_lr must be a positive finite number, got nan"),
@@ -118,9 +152,10 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys,
     assert not out.exists(), "nothing was written"
 
 
-def test_max_lr_on_a_plateau_recipe_is_refused(capsys):
-    assert main(["train", "--recipe", "s8", "--synthetic", "--max-lr", "0.1"]) == 2
-    assert "max_lr applies to One Cycle recipes only" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20")])
+def test_one_cycle_flags_on_a_plateau_recipe_are_refused(capsys, flag, value):
+    assert main(["train", "--recipe", "s8", "--synthetic", flag, value]) == 2
+    assert f"{flag[2:].replace('-', '_')} applies to One Cycle recipes only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where, message", [

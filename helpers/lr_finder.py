@@ -15,7 +15,11 @@ from .recipes import Recipe
 from .runtime import FP32_CPU, Runtime
 from .train import build_criterion, build_optimizer, optimizer_step
 
-RULE = "a tenth of the LR at the minimum of the smoothed loss"
+
+def rule(fraction: float) -> str:
+    """The suggestion rule in words."""
+    share = {1.0: "", 0.1: "a tenth of "}.get(fraction, f"{fraction:g} times ")
+    return f"{share}the LR at the minimum of the smoothed loss"
 
 
 @dataclass
@@ -28,7 +32,7 @@ class LRRangeResult:
     suggested_lr: float
     min_loss_lr: float
     steepest_lr: float
-    rule: str = RULE
+    rule: str = ""
 
     def as_dict(self) -> dict:
         """Plain values, for checkpoints and metrics.json."""
@@ -78,14 +82,16 @@ def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return suggest_lr(lrs, smoothed, raw)
+    return suggest_lr(lrs, smoothed, raw, settings.fraction)
 
 
-def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float]) -> LRRangeResult:
-    """Apply the rule to a finished sweep: a tenth of the LR where the smoothed loss is lowest.
+def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float],
+               fraction: float = 0.1) -> LRRangeResult:
+    """Apply the rule to a finished sweep: `fraction` of the LR where the smoothed loss is lowest.
 
-    At the minimum the loss is about to blow up; a tenth of it is the largest LR still well inside
-    the stable region. The steepest descent is reported for comparison.
+    At the minimum the loss is about to blow up; a tenth of it (fastai's rule of thumb) stays well
+    inside the stable region. A One Cycle warm-up from far lower can peak at the minimum itself
+    (S10 with Adam does). The steepest descent is reported for comparison.
     """
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     if len(finite) < 2:
@@ -94,7 +100,7 @@ def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float]) -> LRR
     log_lr = np.log10(np.asarray(lrs)[finite])
     slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)
     steepest = lrs[finite[int(np.argmin(slopes[: max(finite.index(i_min), 1)]))]]
-    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] / 10, lrs[i_min], steepest)
+    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] * fraction, lrs[i_min], steepest, rule(fraction))
 
 
 def _cycle(loader: DataLoader):

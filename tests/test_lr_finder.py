@@ -23,7 +23,7 @@ def test_sweeps_exponentially_stops_at_divergence_and_restores_the_model():
     np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
     assert result.lrs[0] == pytest.approx(1e-4)
     assert len(result.lrs) < 60, "an LR up to 10 diverges and the sweep stops early"
-    assert result.suggested_lr == pytest.approx(result.min_loss_lr / 10)
+    assert result.suggested_lr == pytest.approx(result.min_loss_lr * recipe.lr_finder.fraction)
     assert result.min_loss_lr == result.lrs[int(np.argmin(result.losses))]
     assert result.losses[int(np.argmin(result.losses))] < result.losses[0]
 
@@ -33,6 +33,9 @@ def test_rule_on_a_hand_made_curve():
     losses = [2.3, 2.2, 1.5, 1.0, 1.2, 9.0]
     result = suggest_lr(lrs, losses, losses)
     assert result.min_loss_lr == 1e-2 and result.suggested_lr == pytest.approx(1e-3)
+    assert result.rule == "a tenth of the LR at the minimum of the smoothed loss"
+    at_min = suggest_lr(lrs, losses, losses, fraction=1.0)
+    assert at_min.suggested_lr == at_min.min_loss_lr == 1e-2 and at_min.rule.startswith("the LR at")
     assert result.steepest_lr == 1e-3  # the largest drop per decade: 2.2 -> 1.5 -> 1.0
     with pytest.raises(RuntimeError, match="diverged at once"):
         suggest_lr(lrs[:2], [float("nan")] * 2, [float("nan")] * 2)

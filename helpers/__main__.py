@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float,
                    help="override the recipe's label smoothing (tuning runs)")
     p.add_argument("--div-factor", type=float,
-                   help="One Cycle: start and end LR = max LR / this (tuning runs; recipe: 10)")
+                   help="One Cycle: start LR = max LR / this (tuning runs; s10: 100, s9: 20)")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")

@@ -71,7 +71,7 @@ class RunSettings:
     lr_finder_iters: int | None = None
     weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
-    div_factor: float | None = None  # tuning runs: One Cycle's start and end LR = max LR / div_factor
+    div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
     train_subset: int | None = None
     test_subset: int | None = None
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
@@ -102,7 +102,7 @@ class RunSettings:
                                     "trains from its recipe's LR")
         decay = self.weight_decay
         if decay is not None and not (math.isfinite(decay) and decay >= 0):
-            raise SettingsError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+            raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise SettingsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.div_factor is not None:
@@ -142,7 +142,7 @@ class RunSettings:
 
     @property
     def is_full_run(self) -> bool:
-        """True when nothing shortens the assignment: real data, all of it, the recipe's settings."""
+        """True when nothing shortens or changes the assignment: real data, all of it, the recipe as is."""
         recipe = get_recipe(self.recipe)
         range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None
         return (not self.synthetic and self.train_subset is None and self.test_subset is None

@@ -99,7 +99,8 @@ def test_a_sigterm_stop_exits_with_the_shells_status_for_it(tmp_path, monkeypatc
     assert main(["train", "--recipe", "s8", "--out", str(tmp_path / "o")] + TINY) == 128 + 15
 
 
-def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_full(tmp_path, monkeypatch):
+def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_full(tmp_path, monkeypatch,
+                                                                                     capsys):
     out = tmp_path / "s9"
     args = ["train", "--recipe", "s9", "--out", str(out), "--weight-decay", "0.003",
             "--label-smoothing", "0.25", "--div-factor", "40"] + TINY
@@ -124,8 +125,13 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     assert (settings["weight_decay"], settings["label_smoothing"]) == (0.003, 0.25)
     assert settings["div_factor"] == 40
     assert not metrics["full_run"]
-    # the checkpoint was trained with other settings: resuming it with the recipe's is refused
-    assert main(args[:5] + TINY) == 2
+    # each override alone is part of what a checkpoint must match: without it, resuming is refused
+    for flag, change in [("--weight-decay", "weight_decay 0.003 -> 0.0005"),
+                         ("--label-smoothing", "label_smoothing 0.25 -> 0.0"),
+                         ("--div-factor", "onecycle.div_factor 40.0 -> 20.0")]:
+        at = args.index(flag)
+        assert main(args[:at] + args[at + 2:]) == 2
+        assert change in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,7 +10,7 @@ from tests.tiny import TinyNet, tiny_setup
 
 
 def test_sweeps_exponentially_stops_at_divergence_and_restores_the_model():
-    recipe = S10.with_overrides(lr_finder=LRFinder(start_lr=1e-4, end_lr=10.0, num_iter=60))
+    recipe = S10.with_overrides(lr_finder=LRFinder(start_lr=1e-4, end_lr=10.0, num_iter=60, fraction=0.5))
     train_loader, _ = tiny_setup(recipe, n_train=128, batch=16)
     model = TinyNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

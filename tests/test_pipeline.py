@@ -16,9 +16,10 @@ from helpers.pipeline import RunSettings, SettingsError, save_json, start_run
 
 def test_notebook_settings_come_from_defaults_then_the_environment():
     env = {"CIFAR_EPOCHS": "3", "CIFAR_RESUME": "0", "CIFAR_MAX_LR": "0.02", "CIFAR_OUT": "x/{recipe}",
-           "CIFAR_DATA_DIR": " ", "CIFAR_UNRELATED": "1"}
+           "CIFAR_DATA_DIR": " ", "CIFAR_UNRELATED": "1", "CIFAR_DIV_FACTOR": "50"}
     settings = RunSettings.from_env("s10", env, data_dir="data", download=True)
     assert (settings.epochs, settings.resume, settings.max_lr, settings.download) == (3, False, 0.02, True)
+    assert settings.div_factor == 50.0 and settings.recipe_object().onecycle.div_factor == 50.0
     assert settings.data_dir == "data" and str(settings.out_dir) == "x/s10"  # blank values are unset
     assert not settings.is_full_run and RunSettings.from_env("s10", {}).is_full_run
 
@@ -27,6 +28,8 @@ def test_notebook_settings_come_from_defaults_then_the_environment():
     ({"CIFAR_EPOCHS": "two"}, "CIFAR_EPOCHS='two' is not a valid int"),
     ({"CIFAR_RESUME": "maybe"}, "CIFAR_RESUME='maybe' is not a valid bool"),
     ({"CIFAR_MAX_LR": "-1"}, "max_lr must be a positive finite number"),
+    ({"CIFAR_WEIGHT_DECAY": "1e-4x"}, "CIFAR_WEIGHT_DECAY='1e-4x' is not a valid float"),
+    ({"CIFAR_LABEL_SMOOTHING": "-0.1"}, r"label_smoothing must be in \[0, 1\), got -0.1"),
 ])
 def test_bad_environment_values_are_one_line_errors(env, message):
     with pytest.raises(SettingsError, match=message):

@@ -51,8 +51,19 @@ def read_records(log: Path = LOG) -> list[dict[str, Any]]:
 
 def training_record(metrics: dict[str, Any], command: str, note: str | None = None) -> dict[str, Any]:
     """A finished run's metrics.json as a results-log record (the history kept, figures not)."""
-    return metrics | {"kind": "training", "note": note, "command": command,
-                      "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return repo_relative(metrics | {"kind": "training", "note": note, "command": command,
+                                    "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def repo_relative(value: Any, root: Path = HERE.parent) -> Any:
+    """The record with this checkout's absolute paths (data folder, run folder, command) made relative."""
+    if isinstance(value, str):
+        return value.replace(f"{root}/", "")
+    if isinstance(value, dict):
+        return {k: repo_relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repo_relative(v, root) for v in value]
+    return value
 
 
 def train(args: argparse.Namespace) -> None:

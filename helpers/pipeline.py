@@ -97,9 +97,6 @@ class RunSettings:
         if self.max_lr is not None:
             if not (math.isfinite(self.max_lr) and self.max_lr > 0):
                 raise SettingsError(f"max_lr must be a positive finite number, got {self.max_lr}")
-            if get_recipe(self.recipe).scheduler != "onecycle":
-                raise SettingsError(f"max_lr applies to One Cycle recipes only; {self.recipe} "
-                                    "trains from its recipe's LR")
         decay = self.weight_decay
         if decay is not None and not (math.isfinite(decay) and decay >= 0):
             raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
@@ -108,9 +105,10 @@ class RunSettings:
         if self.div_factor is not None:
             if not (math.isfinite(self.div_factor) and self.div_factor > 1):
                 raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
-            if get_recipe(self.recipe).scheduler != "onecycle":
-                raise SettingsError(f"div_factor applies to One Cycle recipes only; {self.recipe} "
-                                    "uses ReduceLROnPlateau")
+        for name in ("max_lr", "div_factor"):
+            if getattr(self, name) is not None and get_recipe(self.recipe).scheduler != "onecycle":
+                raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
+                                    "uses ReduceLROnPlateau from its recipe's LR")
         if not 0 <= self.seed < 2**32:
             raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 0:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.run import _short_commit, main, read_records
+from benchmarks.run import _short_commit, main, read_records, repo_relative
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
 
@@ -54,6 +54,14 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     assert measured["kind"] == "throughput" and measured["limit"] in ("model", "loader")
     assert measured["model"]["train_images_per_second"] > 0 and measured["loader"]["images"] > 0
     assert "| s9 |" in (tmp_path / "results.md").read_text().split("## Where the time goes")[1]
+
+
+def test_records_name_paths_inside_the_checkout_relative_to_it(tmp_path):
+    record = {"command": f"python -m helpers train --data-dir {tmp_path}/data --out {tmp_path}/runs/s10",
+              "settings": {"data_dir": f"{tmp_path}/data", "seed": 0}, "tags": [f"{tmp_path}/x", 1]}
+    assert repo_relative(record, tmp_path) == {
+        "command": "python -m helpers train --data-dir data --out runs/s10",
+        "settings": {"data_dir": "data", "seed": 0}, "tags": ["x", 1]}
 
 
 def test_the_report_shows_a_run_from_uncommitted_code_as_dirty():

@@ -71,7 +71,8 @@ def train(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
-                               test_subset=args.test_subset, max_lr=args.max_lr, seed=seed,
+                               test_subset=args.test_subset, max_lr=args.max_lr, lr=args.lr,
+                               seed=seed,
                                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                                div_factor=args.div_factor,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
@@ -217,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("--epochs", "--train-subset", "--test-subset"):
         t.add_argument(flag, type=int)
     t.add_argument("--max-lr", type=float)
+    t.add_argument("--lr", type=float)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--div-factor", type=float)

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
+    p.add_argument("--lr", type=float,
+                   help="ReduceLROnPlateau: the starting LR (tuning runs; s8: 0.05)")
     p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
     p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
     p.add_argument("--label-smoothing", type=float,
@@ -56,7 +58,8 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
-        max_lr=args.max_lr, lr_finder_iters=args.lr_finder_iters, weight_decay=args.weight_decay,
+        max_lr=args.max_lr, lr=args.lr, lr_finder_iters=args.lr_finder_iters,
+        weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, div_factor=args.div_factor, train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,

@@ -68,6 +68,7 @@ class RunSettings:
     epochs: int | None = None
     batch_size: int | None = None
     max_lr: float | None = None
+    lr: float | None = None  # tuning runs: ReduceLROnPlateau's starting LR (One Cycle takes max_lr)
     lr_finder_iters: int | None = None
     weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
@@ -97,6 +98,8 @@ class RunSettings:
         if self.max_lr is not None:
             if not (math.isfinite(self.max_lr) and self.max_lr > 0):
                 raise SettingsError(f"max_lr must be a positive finite number, got {self.max_lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SettingsError(f"lr must be a positive finite number, got {self.lr}")
         decay = self.weight_decay
         if decay is not None and not (math.isfinite(decay) and decay >= 0):
             raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
@@ -109,6 +112,9 @@ class RunSettings:
             if getattr(self, name) is not None and get_recipe(self.recipe).scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
                                     "uses ReduceLROnPlateau from its recipe's LR")
+        if self.lr is not None and get_recipe(self.recipe).scheduler != "plateau":
+            raise SettingsError(f"lr applies to ReduceLROnPlateau recipes only; {self.recipe} uses "
+                                "One Cycle: pass max_lr")
         if not 0 <= self.seed < 2**32:
             raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 0:
@@ -130,11 +136,11 @@ class RunSettings:
         return self.mirrors.replace(",", " ").split() if self.mirrors else None
 
     def recipe_object(self) -> Recipe:
-        """The recipe with this run's overrides (epochs, batch size, weight decay, label smoothing,
-        One Cycle's div factor)."""
+        """The recipe with this run's overrides (epochs, batch size, starting LR, weight decay,
+        label smoothing, One Cycle's div factor)."""
         recipe = get_recipe(self.recipe)
         onecycle = None if self.div_factor is None else replace(recipe.onecycle, div_factor=self.div_factor)
-        return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size,
+        return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                      weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
                                      onecycle=onecycle)
 
@@ -147,6 +153,7 @@ class RunSettings:
                 and self.epochs in (None, recipe.epochs) and self.batch_size in (None, recipe.batch_size)
                 and (not range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
                 and self.max_lr is None
+                and self.lr in (None, recipe.lr)
                 and self.weight_decay in (None, recipe.weight_decay)
                 and self.label_smoothing in (None, recipe.label_smoothing)
                 and self.div_factor in (None, recipe.onecycle.div_factor))

@@ -143,6 +143,8 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     (["--max-lr", "-0.01"], "max_lr must be a positive finite number"),
     (["--max-lr", "nan"], "max_lr must be a positive finite number, got nan"),
     (["--max-lr", "inf"], "max_lr must be a positive finite number, got inf"),
+    (["--lr", "0"], "lr must be a positive finite number, got 0.0"),
+    (["--lr", "nan"], "lr must be a positive finite number, got nan"),
     (["--lr-finder-iters", "1"], "lr_finder_iters must be at least 2, got 1"),
     (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
     (["--seed", str(2**32)], "seed must be in [0, 2**32)"),
@@ -162,6 +164,23 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys,
 def test_one_cycle_flags_on_a_plateau_recipe_are_refused(capsys, flag, value):
     assert main(["train", "--recipe", "s8", "--synthetic", flag, value]) == 2
     assert f"{flag[2:].replace('-', '_')} applies to One Cycle recipes only" in capsys.readouterr().err
+
+
+def test_a_starting_lr_on_a_one_cycle_recipe_is_refused(capsys):
+    assert main(["train", "--recipe", "s10", "--synthetic", "--lr", "0.01"]) == 2
+    assert "lr applies to ReduceLROnPlateau recipes only; s10 uses One Cycle" in capsys.readouterr().err
+
+
+def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(tmp_path, capsys):
+    out = tmp_path / "s8"
+    args = ["train", "--recipe", "s8", "--out", str(out), "--lr", "0.02"] + TINY
+    assert main(args) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.02, 0.02]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["lr"] == 0.02 and not metrics["full_run"]
+    assert main(args[:-len(TINY) - 2] + TINY) == 2, "resuming without --lr is refused"
+    assert "lr 0.02 -> 0.05" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where, message", [

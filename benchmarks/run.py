@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers.pipeline import RunSettings, build_run_loaders, load_run_data, run_recipe, start_run
+from helpers.__main__ import run_guarded
+from helpers.pipeline import (
+    RunSettings,
+    SettingsError,
+    build_run_loaders,
+    load_run_data,
+    run_recipe,
+    start_run,
+)
 from helpers.recipes import RECIPES
 from helpers.runtime import atomic_write, run_metadata
 
@@ -37,8 +45,8 @@ def append_record(record: dict[str, Any], log: Path = LOG) -> None:
     A training already in the log is refused: a finished run recorded again would count twice.
     """
     if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
-        raise SystemExit(f"error: this {record['recipe']} training (first started "
-                         f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
+        raise SettingsError(f"this {record['recipe']} training (first started "
+                            f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
     with open(log, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
     write_report(log, log.with_name(REPORT.name))
@@ -66,8 +74,9 @@ def repo_relative(value: Any, root: Path = HERE.parent) -> Any:
     return value
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, started: list[RunSettings] | None = None) -> None:
     """Run the recipe once per seed through `run_recipe`, each into its own folder, and record it."""
+    started = [] if started is None else started  # the caller's view of the run in progress
     for seed in args.seeds:
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
@@ -77,6 +86,7 @@ def train(args: argparse.Namespace) -> None:
                                div_factor=args.div_factor,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
+        started.append(settings)
         append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
 
 
@@ -84,7 +94,7 @@ def record(args: argparse.Namespace) -> None:
     """Record a run the CLI or a notebook finished (its metrics.json), e.g. a long resumed CPU run."""
     metrics_path = Path(args.run_dir) / "metrics.json"
     if not metrics_path.exists():
-        raise SystemExit(f"error: no {metrics_path}; finish the run first (python -m helpers train ...)")
+        raise SettingsError(f"no {metrics_path}; finish the run first (python -m helpers train ...)")
     metrics = json.loads(metrics_path.read_text())
     command = metrics.get("command") or f"python -m helpers train --recipe {metrics['recipe']}"
     append_record(training_record(metrics, command, args.note), args.log)
@@ -135,7 +145,7 @@ def execute_notebook(args: argparse.Namespace) -> None:
 
     path = Path(args.notebook)
     if not path.is_file():
-        raise SystemExit(f"error: no notebook {path}; pass one of the *_Assignment.ipynb files")
+        raise SettingsError(f"no notebook {path}; pass one of the *_Assignment.ipynb files")
     notebook = nbformat.read(path, as_version=4)
     env = os.environ | {"CIFAR_PROGRESS": "0"}  # a bar's redraws would be committed as output
     if args.data_dir:
@@ -236,11 +246,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point: bad input is one line and status 2, a stopped training names its checkpoint."""
     args = parse_args(argv)
-    {"train": train, "record": record, "throughput": measure_throughput, "notebook": execute_notebook,
-     "report": lambda a: write_report(a.log, a.log.with_name(REPORT.name))}[args.command](args)
-    return 0
+    started: list[RunSettings] = []
+    command = {"train": lambda a: train(a, started), "record": record, "throughput": measure_throughput,
+               "notebook": execute_notebook,
+               "report": lambda a: write_report(a.log, a.log.with_name(REPORT.name))}[args.command]
+    return run_guarded(lambda: command(args), lambda: started[-1].out_dir if started else None,
+                       resume=True, debug=os.environ.get("HELPERS_DEBUG") == "1")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 from .recipes import RECIPES
 
@@ -81,26 +83,20 @@ def _interrupted_message(out, resume: bool) -> str:
     return f"interrupted; {saved}; {how}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
-    args = parse_args(argv)
-    # Imports after parsing: `--help` and flag errors answer at once, without loading torch.
+def run_guarded(work: Callable[[], None], current_out: Callable[[], Any], resume: bool, debug: bool) -> int:
+    """Run `work`: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
     from .dataset import DataError
     from .download import DownloadError
-    from .pipeline import RunSettings, SettingsError, run_recipe
+    from .pipeline import SettingsError
     from .runtime import DeviceError
     from .train import CheckpointError
 
-    debug = args.debug or os.environ.get("HELPERS_DEBUG") == "1"
-    settings: RunSettings | None = None
     try:
-        settings = settings_from_args(args)
-        run_recipe(settings)
+        work()
     except KeyboardInterrupt as stop:
         if debug:
             traceback.print_exc()
-        out = settings.out_dir if settings else args.out
-        print(f"\n{_interrupted_message(out, not args.no_resume)}", file=sys.stderr)
+        print(f"\n{_interrupted_message(current_out(), resume)}", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
     except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, OSError) as err:
         if debug:
@@ -111,6 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {text}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse the flags, then train through `run_guarded`."""
+    args = parse_args(argv)
+    # Imports after parsing: `--help` and flag errors answer at once, without loading torch.
+    from .pipeline import run_recipe
+
+    started = []  # the settings, once they are valid: the interrupted message names their folder
+
+    def work() -> None:
+        started.append(settings_from_args(args))
+        run_recipe(started[-1])
+
+    debug = args.debug or os.environ.get("HELPERS_DEBUG") == "1"
+    return run_guarded(work, lambda: started[-1].out_dir if started else args.out, not args.no_resume, debug)
 
 
 if __name__ == "__main__":

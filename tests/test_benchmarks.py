@@ -2,10 +2,13 @@
 report is generated from the log."""
 
 import json
+import signal
 
 import pytest
 
+from benchmarks import run
 from benchmarks.run import _short_commit, main, read_records, repo_relative
+from helpers import train
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
 
@@ -27,17 +30,20 @@ def test_train_records_one_run_per_seed_with_its_provenance(tmp_path):
     assert len(rows) == 2 and all("| synthetic |" in row and "| no |" in row for row in rows)
 
 
-def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_path):
+def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_path, capsys):
     log = tmp_path / "runs.jsonl"
     run_dir = tmp_path / "runs" / "s9-seed0"
     assert main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
                  str(tmp_path / "runs")] + TINY[:-2]) == 0
     (first,) = read_records(log)
-    with pytest.raises(SystemExit, match="already in"):  # the same run twice would count twice
-        main(["--log", str(log), "record", str(run_dir)])
-    with pytest.raises(SystemExit, match="already in"):  # finished, rerun: metrics.json rewritten
-        main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
-              str(tmp_path / "runs")] + TINY[:-2])
+    capsys.readouterr()
+    # the same run twice would count twice: refused, then also when rerun (metrics.json rewritten)
+    assert main(["--log", str(log), "record", str(run_dir)]) == 2
+    assert main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
+                 str(tmp_path / "runs")] + TINY[:-2]) == 2
+    refusals = capsys.readouterr().err.splitlines()
+    assert len(refusals) == 2
+    assert all(line.startswith("error: ") and "already in" in line for line in refusals)
     (log.parent / "other.jsonl").write_text("")
     note = "superseded recipe | kept for the record"
     assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", note]) == 0
@@ -94,3 +100,26 @@ def test_notebook_is_executed_in_place_with_the_data_folder_and_kept_whole_on_fa
     with pytest.raises(CellExecutionError, match="cell failed"):
         main(["notebook", str(path)])
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_bad_input_is_one_line_and_status_2_before_any_work(tmp_path, capsys):
+    log = tmp_path / "runs.jsonl"
+    assert main(["--log", str(log), "train", "--recipe", "s8", "--lr", "0", "--out", str(tmp_path / "r")]
+                + TINY[:-2]) == 2
+    assert capsys.readouterr().err == "error: lr must be a positive finite number, got 0.0\n"
+    assert main(["record", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no {tmp_path / 'nowhere' / 'metrics.json'}; ")
+    assert not log.exists() and not (tmp_path / "r").exists()
+
+
+def test_a_stopped_training_names_its_folder_and_the_shells_status(tmp_path, monkeypatch, capsys):
+    def stopped(settings):
+        raise train.TrainingStopped(signal.SIGTERM)
+
+    monkeypatch.setattr(run, "run_recipe", stopped)
+    out = tmp_path / "runs"
+    log = tmp_path / "l.jsonl"
+    assert main(["--log", str(log), "train", "--recipe", "s9", "--out", str(out)] + TINY) == 128 + 15
+    message = capsys.readouterr().err.strip()
+    assert message == "interrupted; no epoch was saved yet; run the same command to resume"
+    assert not log.exists(), "nothing recorded"

@@ -30,7 +30,7 @@ from helpers.pipeline import (
     run_recipe,
     start_run,
 )
-from helpers.recipes import RECIPES
+from helpers.recipes import OPTIMIZERS, RECIPES
 from helpers.runtime import atomic_write, run_metadata
 
 from . import throughput
@@ -81,6 +81,7 @@ def train(args: argparse.Namespace, started: list[RunSettings] | None = None) ->
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
                                test_subset=args.test_subset, max_lr=args.max_lr, lr=args.lr,
+                               optimizer=args.optimizer,
                                seed=seed,
                                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                                div_factor=args.div_factor,
@@ -229,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         t.add_argument(flag, type=int)
     t.add_argument("--max-lr", type=float)
     t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", choices=OPTIMIZERS)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--div-factor", type=float)

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .recipes import RECIPES
+from .recipes import OPTIMIZERS, RECIPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="replace the recipe's optimizer (tuning runs; s8: sgd, s9: sgd, s10: adam)")
     p.add_argument("--lr", type=float,
                    help="ReduceLROnPlateau: the starting LR (tuning runs; s8: 0.05)")
     p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
@@ -60,7 +62,7 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
-        max_lr=args.max_lr, lr=args.lr, lr_finder_iters=args.lr_finder_iters,
+        max_lr=args.max_lr, lr=args.lr, optimizer=args.optimizer, lr_finder_iters=args.lr_finder_iters,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, div_factor=args.div_factor, train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,

@@ -30,7 +30,7 @@ from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, lo
 from .gradcam import explain_items
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import count_parameters, create_model
-from .recipes import RECIPES, Recipe, get_recipe
+from .recipes import OPTIMIZERS, RECIPES, Recipe, get_recipe
 from .runtime import (
     Runtime,
     atomic_write,
@@ -69,6 +69,7 @@ class RunSettings:
     batch_size: int | None = None
     max_lr: float | None = None
     lr: float | None = None  # tuning runs: ReduceLROnPlateau's starting LR (One Cycle takes max_lr)
+    optimizer: str | None = None  # tuning runs: "adam" or "sgd" in place of the recipe's
     lr_finder_iters: int | None = None
     weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
@@ -100,6 +101,14 @@ class RunSettings:
                 raise SettingsError(f"max_lr must be a positive finite number, got {self.max_lr}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"lr must be a positive finite number, got {self.lr}")
+        recipe = get_recipe(self.recipe)
+        if self.optimizer is not None:
+            if self.optimizer not in OPTIMIZERS:
+                raise SettingsError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+            if (self.optimizer != recipe.optimizer and recipe.scheduler == "plateau"
+                    and self.lr is None):
+                raise SettingsError(f"optimizer {self.optimizer} replaces {recipe.name}'s {recipe.optimizer} "
+                                    f"and its LR {recipe.lr:g}: pass lr too")
         decay = self.weight_decay
         if decay is not None and not (math.isfinite(decay) and decay >= 0):
             raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
@@ -136,11 +145,12 @@ class RunSettings:
         return self.mirrors.replace(",", " ").split() if self.mirrors else None
 
     def recipe_object(self) -> Recipe:
-        """The recipe with this run's overrides (epochs, batch size, starting LR, weight decay,
-        label smoothing, One Cycle's div factor)."""
+        """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
+        decay, label smoothing, One Cycle's div factor)."""
         recipe = get_recipe(self.recipe)
         onecycle = None if self.div_factor is None else replace(recipe.onecycle, div_factor=self.div_factor)
         return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                     optimizer=self.optimizer,
                                      weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
                                      onecycle=onecycle)
 
@@ -154,6 +164,7 @@ class RunSettings:
                 and (not range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
                 and self.max_lr is None
                 and self.lr in (None, recipe.lr)
+                and self.optimizer in (None, recipe.optimizer)
                 and self.weight_decay in (None, recipe.weight_decay)
                 and self.label_smoothing in (None, recipe.label_smoothing)
                 and self.div_factor in (None, recipe.onecycle.div_factor))

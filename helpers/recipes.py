@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
 
 @dataclass(frozen=True)
 class Augment:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import EpochShuffleSampler
-from .recipes import Recipe
+from .recipes import OPTIMIZERS, Recipe
 from .runtime import FP32_CPU, Runtime, atomic_write, cpu_model
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -50,7 +50,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -
         return torch.optim.Adam(groups, lr=lr)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; expected 'adam' or 'sgd'")
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; expected one of {OPTIMIZERS}")
 
 
 def build_criterion(recipe: Recipe) -> nn.Module:

@@ -183,6 +183,21 @@ def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(
     assert "lr 0.02 -> 0.05" in capsys.readouterr().err
 
 
+def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, capsys):
+    out = tmp_path / "s8"
+    assert main(["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam"] + TINY) == 2
+    assert "optimizer adam replaces s8's sgd and its LR 0.05: pass lr too" in capsys.readouterr().err
+    assert not out.exists()
+    args = ["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam", "--lr", "0.001"] + TINY
+    assert main(args) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert all("betas" in g and g["lr"] == 0.001 for g in state["optimizer"]["param_groups"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["optimizer"] == "adam" and not metrics["full_run"]
+    assert main(args[:5] + args[7:]) == 2, "resuming with the recipe's optimizer is refused"
+    assert "optimizer 'adam' -> 'sgd'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where, message", [
     ("data-file", "is a file; pass the folder that holds train/"),
     ("missing", "does not exist and download is off"),

@@ -63,8 +63,8 @@ def settings_from_args(args: argparse.Namespace):
         recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
         max_lr=args.max_lr, lr=args.lr, optimizer=args.optimizer, lr_finder_iters=args.lr_finder_iters,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, div_factor=args.div_factor, train_subset=args.train_subset,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, div_factor=args.div_factor,
+        train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,
         progress=not args.no_progress)

@@ -105,8 +105,7 @@ class RunSettings:
         if self.optimizer is not None:
             if self.optimizer not in OPTIMIZERS:
                 raise SettingsError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-            if (self.optimizer != recipe.optimizer and recipe.scheduler == "plateau"
-                    and self.lr is None):
+            if self.optimizer != recipe.optimizer and recipe.scheduler == "plateau" and self.lr is None:
                 raise SettingsError(f"optimizer {self.optimizer} replaces {recipe.name}'s {recipe.optimizer} "
                                     f"and its LR {recipe.lr:g}: pass lr too")
         decay = self.weight_decay
@@ -118,10 +117,10 @@ class RunSettings:
             if not (math.isfinite(self.div_factor) and self.div_factor > 1):
                 raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
         for name in ("max_lr", "div_factor"):
-            if getattr(self, name) is not None and get_recipe(self.recipe).scheduler != "onecycle":
+            if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
                                     "uses ReduceLROnPlateau from its recipe's LR")
-        if self.lr is not None and get_recipe(self.recipe).scheduler != "plateau":
+        if self.lr is not None and recipe.scheduler != "plateau":
             raise SettingsError(f"lr applies to ReduceLROnPlateau recipes only; {self.recipe} uses "
                                 "One Cycle: pass max_lr")
         if not 0 <= self.seed < 2**32:

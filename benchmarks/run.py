@@ -74,9 +74,18 @@ def repo_relative(value: Any, root: Path = HERE.parent) -> Any:
     return value
 
 
-def train(args: argparse.Namespace, started: list[RunSettings] | None = None) -> None:
-    """Run the recipe once per seed through `run_recipe`, each into its own folder, and record it."""
-    started = [] if started is None else started  # the caller's view of the run in progress
+def recorded_already(out: Path, log: Path) -> bool:
+    """Whether the finished training in `out` (its metrics.json) is already in the results log."""
+    path = out / "metrics.json"
+    return path.exists() and any(same_run(json.loads(path.read_text()), r) for r in read_records(log))
+
+
+def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
+    """Run the recipe once per seed through `run_recipe`, each into its own folder, and record it.
+
+    A seed whose finished run is already in the log is skipped, so the same command resumes a
+    stopped multi-seed benchmark at the seed it stopped in. `started` gets each seed's settings.
+    """
     for seed in args.seeds:
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
@@ -86,6 +95,9 @@ def train(args: argparse.Namespace, started: list[RunSettings] | None = None) ->
                                div_factor=args.div_factor,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
+        if recorded_already(settings.out_dir, args.log):
+            print(f"seed {seed}: its finished run in {settings.out_dir}/ is already in {args.log}; skipped")
+            continue
         started.append(settings)
         append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
 

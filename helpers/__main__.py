@@ -8,9 +8,12 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .recipes import OPTIMIZERS, RECIPES
+
+if TYPE_CHECKING:
+    from .pipeline import RunSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,11 +73,13 @@ def settings_from_args(args: argparse.Namespace):
         progress=not args.no_progress)
 
 
-def _interrupted_message(out, resume: bool) -> str:
-    """Where an interrupted run stands and how to go on."""
+def _interrupted_message(out: str | os.PathLike | None, resume: bool) -> str:
+    """Where an interrupted run stands and how to go on ("interrupted" alone when no run had started)."""
     from .pipeline import saved_midway
     from .train import read_resume_state
 
+    if out is None:
+        return "interrupted"
     try:
         state = read_resume_state(out)
     except Exception:  # a message, not a second error
@@ -85,7 +90,8 @@ def _interrupted_message(out, resume: bool) -> str:
     return f"interrupted; {saved}; {how}"
 
 
-def run_guarded(work: Callable[[], None], current_out: Callable[[], Any], resume: bool, debug: bool) -> int:
+def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.PathLike | None], resume: bool,
+                debug: bool) -> int:
     """Run `work`: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
     from .dataset import DataError
     from .download import DownloadError
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imports after parsing: `--help` and flag errors answer at once, without loading torch.
     from .pipeline import run_recipe
 
-    started = []  # the settings, once they are valid: the interrupted message names their folder
+    started: list[RunSettings] = []  # settings once valid: the interrupted message names their folder
 
     def work() -> None:
         started.append(settings_from_args(args))

@@ -102,12 +102,6 @@ class RunSettings:
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"lr must be a positive finite number, got {self.lr}")
         recipe = get_recipe(self.recipe)
-        if self.optimizer is not None:
-            if self.optimizer not in OPTIMIZERS:
-                raise SettingsError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-            if self.optimizer != recipe.optimizer and recipe.scheduler == "plateau" and self.lr is None:
-                raise SettingsError(f"optimizer {self.optimizer} replaces {recipe.name}'s {recipe.optimizer} "
-                                    f"and its LR {recipe.lr:g}: pass lr too")
         decay = self.weight_decay
         if decay is not None and not (math.isfinite(decay) and decay >= 0):
             raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
@@ -119,10 +113,20 @@ class RunSettings:
         for name in ("max_lr", "div_factor"):
             if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
-                                    "uses ReduceLROnPlateau from its recipe's LR")
+                                    "uses ReduceLROnPlateau: pass lr")
         if self.lr is not None and recipe.scheduler != "plateau":
             raise SettingsError(f"lr applies to ReduceLROnPlateau recipes only; {self.recipe} uses "
                                 "One Cycle: pass max_lr")
+        if self.optimizer is not None:
+            if self.optimizer not in OPTIMIZERS:
+                raise SettingsError(f"unknown optimizer {self.optimizer!r}; "
+                                    f"expected one of {list(OPTIMIZERS)}")
+            # the recipe's LR was chosen for its own optimizer: another one must bring its own
+            fixed = "lr" if recipe.scheduler == "plateau" else "max_lr" if recipe.onecycle.max_lr else None
+            if self.optimizer != recipe.optimizer and fixed and getattr(self, fixed) is None:
+                value = recipe.lr if fixed == "lr" else recipe.onecycle.max_lr
+                raise SettingsError(f"optimizer {self.optimizer} replaces {recipe.name}'s {recipe.optimizer} "
+                                    f"and its {fixed} {value:g}: pass {fixed} too")
         if not 0 <= self.seed < 2**32:
             raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 0:

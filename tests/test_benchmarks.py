@@ -37,13 +37,13 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
                  str(tmp_path / "runs")] + TINY[:-2]) == 0
     (first,) = read_records(log)
     capsys.readouterr()
-    # the same run twice would count twice: refused, then also when rerun (metrics.json rewritten)
+    # the same run twice would count twice: recording it again is refused, training it again skips it
     assert main(["--log", str(log), "record", str(run_dir)]) == 2
+    (refusal,) = capsys.readouterr().err.splitlines()
+    assert refusal.startswith("error: ") and "already in" in refusal
     assert main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
-                 str(tmp_path / "runs")] + TINY[:-2]) == 2
-    refusals = capsys.readouterr().err.splitlines()
-    assert len(refusals) == 2
-    assert all(line.startswith("error: ") and "already in" in line for line in refusals)
+                 str(tmp_path / "runs")] + TINY[:-2]) == 0
+    assert "skipped" in capsys.readouterr().out and read_records(log) == [first]
     (log.parent / "other.jsonl").write_text("")
     note = "superseded recipe | kept for the record"
     assert main(["--log", str(log.parent / "other.jsonl"), "record", str(run_dir), "--note", note]) == 0
@@ -107,19 +107,31 @@ def test_bad_input_is_one_line_and_status_2_before_any_work(tmp_path, capsys):
     assert main(["--log", str(log), "train", "--recipe", "s8", "--lr", "0", "--out", str(tmp_path / "r")]
                 + TINY[:-2]) == 2
     assert capsys.readouterr().err == "error: lr must be a positive finite number, got 0.0\n"
-    assert main(["record", str(tmp_path / "nowhere")]) == 2
+    assert main(["--log", str(log), "record", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"error: no {tmp_path / 'nowhere' / 'metrics.json'}; ")
     assert not log.exists() and not (tmp_path / "r").exists()
 
 
-def test_a_stopped_training_names_its_folder_and_the_shells_status(tmp_path, monkeypatch, capsys):
-    def stopped(settings):
-        raise train.TrainingStopped(signal.SIGTERM)
+def test_a_stopped_seed_is_resumed_by_the_same_command_after_the_seeds_already_recorded(tmp_path, monkeypatch,
+                                                                                       capsys):
+    log, out = tmp_path / "l.jsonl", tmp_path / "runs"
+    command = ["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out", str(out), "--seeds"]
+    assert main(command + ["0"] + TINY) == 0
+    finish = run.run_recipe
 
-    monkeypatch.setattr(run, "run_recipe", stopped)
-    out = tmp_path / "runs"
-    log = tmp_path / "l.jsonl"
-    assert main(["--log", str(log), "train", "--recipe", "s9", "--out", str(out)] + TINY) == 128 + 15
-    message = capsys.readouterr().err.strip()
-    assert message == "interrupted; no epoch was saved yet; run the same command to resume"
-    assert not log.exists(), "nothing recorded"
+    def stopped_in_seed_1(settings):
+        if settings.seed == 1:
+            settings.out_dir.mkdir(parents=True)
+            train.save_checkpoint(settings.out_dir / "last.pt", {"model": {}, "epoch": 0,
+                                                                   "partial": {"images": 16}})
+            raise train.TrainingStopped(signal.SIGTERM)
+        return finish(settings)
+
+    monkeypatch.setattr(run, "run_recipe", stopped_in_seed_1)
+    capsys.readouterr()
+    assert main(command + ["0", "1"] + TINY) == 128 + 15
+    captured = capsys.readouterr()
+    assert "seed 0: " in captured.out and "skipped" in captured.out
+    assert captured.err.strip() == (f"interrupted; epoch 0, 16 images into epoch 1 is saved in "
+                                    f"{out / 's9-seed1'}/last.pt; run the same command to resume")
+    assert [r["settings"]["seed"] for r in read_records(log)] == [0], "nothing recorded for seed 1"

@@ -160,6 +160,17 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys,
     assert not out.exists(), "nothing was written"
 
 
+@pytest.mark.parametrize("recipe, flags, message", [
+    ("s9", ["--optimizer", "adam"], "optimizer adam replaces s9's sgd and its max_lr 0.2: pass max_lr too"),
+    # what the recipe cannot take is named first, before what the new optimizer still needs
+    ("s8", ["--optimizer", "adam", "--max-lr", "0.01"],
+     "max_lr applies to One Cycle recipes only; s8 uses ReduceLROnPlateau: pass lr"),
+])
+def test_another_optimizer_must_bring_the_lr_its_recipe_fixes(capsys, recipe, flags, message):
+    assert main(["train", "--recipe", recipe, "--synthetic"] + flags) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 @pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20")])
 def test_one_cycle_flags_on_a_plateau_recipe_are_refused(capsys, flag, value):
     assert main(["train", "--recipe", "s8", "--synthetic", flag, value]) == 2
@@ -186,7 +197,7 @@ def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(
 def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, capsys):
     out = tmp_path / "s8"
     assert main(["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam"] + TINY) == 2
-    assert "optimizer adam replaces s8's sgd and its LR 0.05: pass lr too" in capsys.readouterr().err
+    assert "optimizer adam replaces s8's sgd and its lr 0.05: pass lr too" in capsys.readouterr().err
     assert not out.exists()
     args = ["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam", "--lr", "0.001"] + TINY
     assert main(args) == 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # the names the CLI and the settings accept
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Recipe:
     model_kwargs: dict[str, Any]
     epochs: int
     batch_size: int
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Optimizer
     lr: float  # SGD: the starting LR; Adam + One Cycle: used only when the range test is skipped
     weight_decay: float
     scheduler: Literal["onecycle", "plateau"]

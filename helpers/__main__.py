@@ -33,9 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="replace the recipe's optimizer (tuning runs; s8: sgd, s9: sgd, s10: adam)")
+                   help="replace the recipe's optimizer (tuning runs; s8: adam, s9: sgd, s10: adam)")
     p.add_argument("--lr", type=float,
-                   help="ReduceLROnPlateau: the starting LR (tuning runs; s8: 0.05)")
+                   help="ReduceLROnPlateau: the starting LR (tuning runs; s8: 0.001)")
     p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
     p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
     p.add_argument("--label-smoothing", type=float,

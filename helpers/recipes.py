@@ -112,23 +112,26 @@ S10 = Recipe(
     lr_finder=LRFinder(start_lr=1e-5, end_lr=1.0, num_iter=100, fraction=1.0),
 )
 
-# SGD + Nesterov rather than Adam: with a plateau schedule (no warm-up, a constant LR for many
-# epochs) SGD with weight decay generalises better on CIFAR ResNets and has one fewer moving
-# part to tune; 0.05 is the largest starting LR that trains a LayerNorm ResNet18 stably.
+# Adam rather than SGD: ResNet18 with LayerNorm learns slowly under SGD. The full run of the first
+# recipe (SGD + Nesterov at 0.05, weight decay 5e-4; JPEG copy, seed 0, bf16 on a 2-core Zen 5 EPYC)
+# had 59% train accuracy after 13 epochs at 0.05 and 69.75% best test accuracy after 18 epochs.
+# After 200 steps on the full training set (batch 256, same data and seed, 2,000 test images):
+# SGD 0.05 24.2%, SGD 0.02 26.3%, Adam 1e-3 33.7%, Adam 3e-3 28.4%. The plateau may cut the LR
+# four times (1e-3 -> 2e-4 -> 4e-5 -> 1e-5) before min_lr stops it.
 S8 = Recipe(
     name="s8",
     model="resnet18",
     model_kwargs={"norm": "ln", "zero_init_residual": True},
     epochs=40,
     batch_size=256,
-    optimizer="sgd",
-    lr=0.05,
-    weight_decay=5e-4,
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=1e-4,
     scheduler="plateau",
     augment=Augment(crop_padding=4, rotate_limit=5.0, cutout_size=16),
     gradcam_layer="layer3",  # 256x8x8; layer4 is 4x4
     label_smoothing=0.1,
-    plateau=Plateau(factor=0.2, patience=2, threshold=0.001, min_lr=1e-4),
+    plateau=Plateau(factor=0.2, patience=2, threshold=0.001, min_lr=1e-5),
 )
 
 # The small network of S9: no range test (a fixed SGD peak that suits BatchNorm nets of this size),

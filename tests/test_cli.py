@@ -163,7 +163,7 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys,
 @pytest.mark.parametrize("recipe, flags, message", [
     ("s9", ["--optimizer", "adam"], "optimizer adam replaces s9's sgd and its max_lr 0.2: pass max_lr too"),
     # what the recipe cannot take is named first, before what the new optimizer still needs
-    ("s8", ["--optimizer", "adam", "--max-lr", "0.01"],
+    ("s8", ["--optimizer", "sgd", "--max-lr", "0.01"],
      "max_lr applies to One Cycle recipes only; s8 uses ReduceLROnPlateau: pass lr"),
 ])
 def test_another_optimizer_must_bring_the_lr_its_recipe_fixes(capsys, recipe, flags, message):
@@ -191,22 +191,22 @@ def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["lr"] == 0.02 and not metrics["full_run"]
     assert main(args[:-len(TINY) - 2] + TINY) == 2, "resuming without --lr is refused"
-    assert "lr 0.02 -> 0.05" in capsys.readouterr().err
+    assert "lr 0.02 -> 0.001" in capsys.readouterr().err
 
 
 def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, capsys):
     out = tmp_path / "s8"
-    assert main(["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam"] + TINY) == 2
-    assert "optimizer adam replaces s8's sgd and its lr 0.05: pass lr too" in capsys.readouterr().err
+    assert main(["train", "--recipe", "s8", "--out", str(out), "--optimizer", "sgd"] + TINY) == 2
+    assert "optimizer sgd replaces s8's adam and its lr 0.001: pass lr too" in capsys.readouterr().err
     assert not out.exists()
-    args = ["train", "--recipe", "s8", "--out", str(out), "--optimizer", "adam", "--lr", "0.001"] + TINY
+    args = ["train", "--recipe", "s8", "--out", str(out), "--optimizer", "sgd", "--lr", "0.05"] + TINY
     assert main(args) == 0
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-    assert all("betas" in g and g["lr"] == 0.001 for g in state["optimizer"]["param_groups"])
+    assert all(g["nesterov"] and g["lr"] == 0.05 for g in state["optimizer"]["param_groups"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["settings"]["optimizer"] == "adam" and not metrics["full_run"]
+    assert metrics["settings"]["optimizer"] == "sgd" and not metrics["full_run"]
     assert main(args[:5] + args[7:]) == 2, "resuming with the recipe's optimizer is refused"
-    assert "optimizer 'adam' -> 'sgd'" in capsys.readouterr().err
+    assert "optimizer 'sgd' -> 'adam'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where, message", [

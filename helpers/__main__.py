@@ -10,10 +10,16 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .recipes import OPTIMIZERS, RECIPES
+from .recipes import OPTIMIZERS, RECIPES, Recipe
 
 if TYPE_CHECKING:
     from .pipeline import RunSettings
+
+
+def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = None) -> str:
+    """'s10: x, s8: y, ...': a recipe field for the help texts, read from the recipes themselves."""
+    named = [(r.name, value(r)) for r in RECIPES.values() if scheduler in (None, r.scheduler)]
+    return ", ".join(f"{name}: {v:g}" if isinstance(v, float) else f"{name}: {v}" for name, v in named)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,15 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="replace the recipe's optimizer (tuning runs; s8: adam, s9: sgd, s10: adam)")
+                   help="replace the recipe's optimizer (tuning runs; "
+                        f"{recipe_values(lambda r: r.optimizer)})")
     p.add_argument("--lr", type=float,
-                   help="ReduceLROnPlateau: the starting LR (tuning runs; s8: 0.001)")
+                   help="ReduceLROnPlateau: the starting LR (tuning runs; "
+                        f"{recipe_values(lambda r: r.lr, 'plateau')})")
     p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
     p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
     p.add_argument("--label-smoothing", type=float,
                    help="override the recipe's label smoothing (tuning runs)")
     p.add_argument("--div-factor", type=float,
-                   help="One Cycle: start LR = max LR / this (tuning runs; s10: 100, s9: 20)")
+                   help="One Cycle: start LR = max LR / this (tuning runs; "
+                        f"{recipe_values(lambda r: r.onecycle.div_factor, 'onecycle')})")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")

@@ -72,7 +72,7 @@ class Recipe:
     epochs: int
     batch_size: int
     optimizer: Optimizer
-    lr: float  # SGD: the starting LR; Adam + One Cycle: used only when the range test is skipped
+    lr: float  # plateau: the starting LR; One Cycle: used only when the range test is skipped
     weight_decay: float
     scheduler: Literal["onecycle", "plateau"]
     augment: Augment

@@ -30,7 +30,7 @@ from helpers.pipeline import (
     run_recipe,
     start_run,
 )
-from helpers.recipes import OPTIMIZERS, RECIPES
+from helpers.recipes import ANNEALS, OPTIMIZERS, RECIPES
 from helpers.runtime import atomic_write, run_metadata
 
 from . import throughput
@@ -92,7 +92,7 @@ def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
                                test_subset=args.test_subset, max_lr=args.max_lr, lr=args.lr,
                                optimizer=args.optimizer, seed=seed,
                                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                               div_factor=args.div_factor,
+                               div_factor=args.div_factor, anneal=args.anneal,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
         if recorded_already(settings.out_dir, args.log):
@@ -245,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--div-factor", type=float)
+    t.add_argument("--anneal", choices=ANNEALS)
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .recipes import OPTIMIZERS, RECIPES, Recipe
+from .recipes import ANNEALS, OPTIMIZERS, RECIPES, Recipe
 
 if TYPE_CHECKING:
     from .pipeline import RunSettings
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--div-factor", type=float,
                    help="One Cycle: start LR = max LR / this (tuning runs; "
                         f"{recipe_values(lambda r: r.onecycle.div_factor, 'onecycle')})")
+    p.add_argument("--anneal", choices=ANNEALS,
+                   help="One Cycle: the shape of its rise and fall (tuning runs; "
+                        f"{recipe_values(lambda r: r.onecycle.anneal, 'onecycle')})")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
@@ -76,6 +79,7 @@ def settings_from_args(args: argparse.Namespace):
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
         max_lr=args.max_lr, lr=args.lr, optimizer=args.optimizer, lr_finder_iters=args.lr_finder_iters,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, div_factor=args.div_factor,
+        anneal=args.anneal,
         train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,

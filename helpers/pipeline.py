@@ -30,7 +30,7 @@ from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, lo
 from .gradcam import explain_items
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import count_parameters, create_model
-from .recipes import OPTIMIZERS, RECIPES, Recipe, get_recipe
+from .recipes import ANNEALS, OPTIMIZERS, RECIPES, Recipe, get_recipe
 from .runtime import (
     Runtime,
     atomic_write,
@@ -74,6 +74,7 @@ class RunSettings:
     weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
     div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
+    anneal: str | None = None  # tuning runs: One Cycle's shape, "linear" or "cos"
     train_subset: int | None = None
     test_subset: int | None = None
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
@@ -110,7 +111,9 @@ class RunSettings:
         if self.div_factor is not None:
             if not (math.isfinite(self.div_factor) and self.div_factor > 1):
                 raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
-        for name in ("max_lr", "div_factor"):
+        if self.anneal is not None and self.anneal not in ANNEALS:
+            raise SettingsError(f"unknown anneal {self.anneal!r}; expected one of {list(ANNEALS)}")
+        for name in ("max_lr", "div_factor", "anneal"):
             if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
                                     "uses ReduceLROnPlateau: pass lr")
@@ -149,9 +152,11 @@ class RunSettings:
 
     def recipe_object(self) -> Recipe:
         """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
-        decay, label smoothing, One Cycle's div factor)."""
+        decay, label smoothing, One Cycle's div factor and shape)."""
         recipe = get_recipe(self.recipe)
-        onecycle = None if self.div_factor is None else replace(recipe.onecycle, div_factor=self.div_factor)
+        cycle_changes = {k: v for k, v in (("div_factor", self.div_factor), ("anneal", self.anneal))
+                         if v is not None}
+        onecycle = replace(recipe.onecycle, **cycle_changes) if cycle_changes else None
         return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                      optimizer=self.optimizer,
                                      weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
@@ -170,7 +175,8 @@ class RunSettings:
                 and self.optimizer in (None, recipe.optimizer)
                 and self.weight_decay in (None, recipe.weight_decay)
                 and self.label_smoothing in (None, recipe.label_smoothing)
-                and self.div_factor in (None, recipe.onecycle.div_factor))
+                and self.div_factor in (None, recipe.onecycle.div_factor)
+                and self.anneal in (None, recipe.onecycle.anneal))
 
     @classmethod
     def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:

@@ -7,6 +7,8 @@ from typing import Any, Literal, get_args
 
 Optimizer = Literal["adam", "sgd"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # the names the CLI and the settings accept
+Anneal = Literal["linear", "cos"]
+ANNEALS: tuple[str, ...] = get_args(Anneal)  # One Cycle's shapes, as torch's OneCycleLR names them
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,14 @@ class Augment:
 
 @dataclass(frozen=True)
 class OneCycle:
-    """Linear two-phase One Cycle, stepped every batch."""
+    """Two-phase One Cycle, stepped every batch: linear (the course's) or cosine-shaped phases."""
 
     peak_epoch: int = 5  # the LR peaks at the end of this epoch
     div_factor: float = 10.0  # start LR = max_lr / div_factor
     final_div_factor: float = 1.0  # 1.0: no annihilation, the last LR equals the start LR
     short_run_pct: float = 5 / 24  # runs too short to reach peak_epoch (smoke tests) peak here
     max_lr: float | None = None  # a fixed peak; None: the LR range test chooses it
+    anneal: Anneal = "linear"  # the shape of both phases; "cos" stays near the peak longer
 
     def pct_start(self, epochs: int) -> float:
         """Fraction of all steps spent rising: peak_epoch / epochs when the run is long enough."""

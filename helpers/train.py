@@ -71,7 +71,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
             epochs=recipe.epochs,
             steps_per_epoch=steps_per_epoch,
             pct_start=cycle.pct_start(recipe.epochs),  # peak at the end of epoch `peak_epoch`
-            anneal_strategy="linear",
+            anneal_strategy=cycle.anneal,
             three_phase=False,
             div_factor=cycle.div_factor,
             final_div_factor=cycle.final_div_factor,

@@ -103,7 +103,7 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
                                                                                      capsys):
     out = tmp_path / "s9"
     args = ["train", "--recipe", "s9", "--out", str(out), "--weight-decay", "0.003",
-            "--label-smoothing", "0.25", "--div-factor", "40"] + TINY
+            "--label-smoothing", "0.25", "--div-factor", "40", "--anneal", "cos"] + TINY
     smoothing = []
     original_loss = train.nn.CrossEntropyLoss
 
@@ -123,12 +123,13 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     metrics = json.loads((out / "metrics.json").read_text())
     settings = metrics["settings"]
     assert (settings["weight_decay"], settings["label_smoothing"]) == (0.003, 0.25)
-    assert settings["div_factor"] == 40
+    assert settings["div_factor"] == 40 and settings["anneal"] == "cos"
     assert not metrics["full_run"]
     # each override alone is part of what a checkpoint must match: without it, resuming is refused
     for flag, change in [("--weight-decay", "weight_decay 0.003 -> 0.0005"),
                          ("--label-smoothing", "label_smoothing 0.25 -> 0.0"),
-                         ("--div-factor", "onecycle.div_factor 40.0 -> 20.0")]:
+                         ("--div-factor", "onecycle.div_factor 40.0 -> 20.0"),
+                         ("--anneal", "onecycle.anneal 'cos' -> 'linear'")]:
         at = args.index(flag)
         assert main(args[:at] + args[at + 2:]) == 2
         assert change in capsys.readouterr().err
@@ -171,7 +172,7 @@ def test_another_optimizer_must_bring_the_lr_its_recipe_fixes(capsys, recipe, fl
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
-@pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20")])
+@pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20"), ("--anneal", "cos")])
 def test_one_cycle_flags_on_a_plateau_recipe_are_refused(capsys, flag, value):
     assert main(["train", "--recipe", "s8", "--synthetic", flag, value]) == 2
     assert f"{flag[2:].replace('-', '_')} applies to One Cycle recipes only" in capsys.readouterr().err

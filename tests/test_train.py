@@ -29,9 +29,9 @@ def test_fit_learns_a_separable_problem():
     assert result.best_acc == max(r["test_acc"] for r in history)
 
 
-def one_cycle_lrs(epochs=24, steps=10, max_lr=0.1):
-    """The LR of every step of the S10 schedule."""
-    recipe = S10.with_overrides(epochs=epochs)
+def one_cycle_lrs(epochs=24, steps=10, max_lr=0.1, recipe=S10):
+    """The LR of every step of the S10 schedule (or of `recipe`'s)."""
+    recipe = recipe.with_overrides(epochs=epochs)
     optimizer = train.build_optimizer(nn.Linear(2, 2), recipe)
     scheduler = train.build_scheduler(optimizer, recipe, steps, max_lr)
     lrs = []
@@ -52,6 +52,18 @@ def test_one_cycle_peaks_at_the_end_of_epoch_5_of_24_without_annihilation():
     assert (rise > 0).all() and (fall < 0).all(), "two phases, monotonic"
     np.testing.assert_allclose(rise, rise[0], rtol=1e-6)  # linear
     np.testing.assert_allclose(fall, fall[0], rtol=1e-6)
+
+
+def test_the_cosine_one_cycle_keeps_start_peak_and_end_and_is_half_way_at_mid_phase():
+    lrs = one_cycle_lrs(recipe=S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal="cos")))
+    linear = one_cycle_lrs()
+    start, peak = lrs[0], lrs.max()
+    assert int(np.argmax(lrs)) == 5 * 10 - 1 and peak == pytest.approx(0.1)
+    assert start == pytest.approx(linear[0]) and lrs[-1] == pytest.approx(start)
+    # a cosine phase is at the mean of its ends half way through; the fall (steps 49..239) stays
+    # above the linear one before that point and below it after
+    assert lrs[49 + 95] == pytest.approx((peak + start) / 2, rel=1e-3)
+    assert (lrs[60:140] > linear[60:140]).all() and (lrs[150:230] < linear[150:230]).all()
 
 
 def test_short_runs_keep_the_recipe_proportions():

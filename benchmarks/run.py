@@ -93,6 +93,7 @@ def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
                                optimizer=args.optimizer, seed=seed,
                                weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                                div_factor=args.div_factor, anneal=args.anneal,
+                               patience=args.patience, cutout_p=args.cutout_p,
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
         if recorded_already(settings.out_dir, args.log):
@@ -246,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--div-factor", type=float)
     t.add_argument("--anneal", choices=ANNEALS)
+    t.add_argument("--patience", type=int)
+    t.add_argument("--cutout-p", type=float)
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)

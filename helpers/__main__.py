@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anneal", choices=ANNEALS,
                    help="One Cycle: the shape of its rise and fall (tuning runs; "
                         f"{recipe_values(lambda r: r.onecycle.anneal, 'onecycle')})")
+    p.add_argument("--patience", type=int,
+                   help="ReduceLROnPlateau: epochs without improvement before a cut (tuning runs; "
+                        f"{recipe_values(lambda r: r.plateau.patience, 'plateau')})")
+    p.add_argument("--cutout-p", type=float,
+                   help="how often the cutout hole is applied (tuning runs; "
+                        f"{recipe_values(lambda r: r.augment.cutout_p)})")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
@@ -79,7 +85,7 @@ def settings_from_args(args: argparse.Namespace):
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
         max_lr=args.max_lr, lr=args.lr, optimizer=args.optimizer, lr_finder_iters=args.lr_finder_iters,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, div_factor=args.div_factor,
-        anneal=args.anneal,
+        anneal=args.anneal, patience=args.patience, cutout_p=args.cutout_p,
         train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,

@@ -75,6 +75,8 @@ class RunSettings:
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
     div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
     anneal: str | None = None  # tuning runs: One Cycle's shape, "linear" or "cos"
+    patience: int | None = None  # tuning runs: epochs ReduceLROnPlateau waits before cutting the LR
+    cutout_p: float | None = None  # tuning runs: how often the cutout hole is applied
     train_subset: int | None = None
     test_subset: int | None = None
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
@@ -113,13 +115,21 @@ class RunSettings:
                 raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
         if self.anneal is not None and self.anneal not in ANNEALS:
             raise SettingsError(f"unknown anneal {self.anneal!r}; expected one of {list(ANNEALS)}")
+        if self.patience is not None and self.patience < 0:
+            raise SettingsError(f"patience must be 0 or more epochs, got {self.patience}")
+        if self.cutout_p is not None:
+            if not 0 <= self.cutout_p <= 1:
+                raise SettingsError(f"cutout_p must be in [0, 1], got {self.cutout_p}")
+            if not recipe.augment.cutout_size:
+                raise SettingsError(f"cutout_p: {self.recipe} has no cutout; leave cutout_p unset")
         for name in ("max_lr", "div_factor", "anneal"):
             if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
                                     "uses ReduceLROnPlateau: pass lr")
-        if self.lr is not None and recipe.scheduler != "plateau":
-            raise SettingsError(f"lr applies to ReduceLROnPlateau recipes only; {self.recipe} uses "
-                                "One Cycle: pass max_lr")
+        for name, instead in (("lr", "pass max_lr"), ("patience", "leave patience unset")):
+            if getattr(self, name) is not None and recipe.scheduler != "plateau":
+                raise SettingsError(f"{name} applies to ReduceLROnPlateau recipes only; {self.recipe} "
+                                    f"uses One Cycle: {instead}")
         if self.optimizer is not None:
             if self.optimizer not in OPTIMIZERS:
                 raise SettingsError(f"unknown optimizer {self.optimizer!r}; "
@@ -152,15 +162,17 @@ class RunSettings:
 
     def recipe_object(self) -> Recipe:
         """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
-        decay, label smoothing, One Cycle's div factor and shape)."""
+        decay, label smoothing, One Cycle's div factor and shape, the plateau's patience, cutout's p)."""
         recipe = get_recipe(self.recipe)
         cycle_changes = {k: v for k, v in (("div_factor", self.div_factor), ("anneal", self.anneal))
                          if v is not None}
         onecycle = replace(recipe.onecycle, **cycle_changes) if cycle_changes else None
+        plateau = None if self.patience is None else replace(recipe.plateau, patience=self.patience)
+        augment = None if self.cutout_p is None else replace(recipe.augment, cutout_p=self.cutout_p)
         return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                      optimizer=self.optimizer,
                                      weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
-                                     onecycle=onecycle)
+                                     onecycle=onecycle, plateau=plateau, augment=augment)
 
     @property
     def is_full_run(self) -> bool:
@@ -176,7 +188,9 @@ class RunSettings:
                 and self.weight_decay in (None, recipe.weight_decay)
                 and self.label_smoothing in (None, recipe.label_smoothing)
                 and self.div_factor in (None, recipe.onecycle.div_factor)
-                and self.anneal in (None, recipe.onecycle.anneal))
+                and self.anneal in (None, recipe.onecycle.anneal)
+                and self.patience in (None, recipe.plateau.patience)
+                and self.cutout_p in (None, recipe.augment.cutout_p))
 
     @classmethod
     def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:

@@ -264,3 +264,30 @@ def test_download_without_any_reachable_copy_is_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "HTTP 404" in err and "--data-dir" in err
     assert not any((tmp_path / "data").glob("*.tar.gz*"))
+
+
+def test_plateau_patience_and_cutout_p_reach_the_scheduler_and_the_augmentation(tmp_path, capsys):
+    out = tmp_path / "s8"
+    args = ["train", "--recipe", "s8", "--out", str(out), "--patience", "1", "--cutout-p", "0.5"] + TINY
+    assert main(args) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert state["scheduler"]["patience"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["settings"]["patience"], metrics["settings"]["cutout_p"]) == (1, 0.5)
+    assert not metrics["full_run"]
+    for flag, change in [("--patience", "plateau.patience 1 -> 2"),
+                         ("--cutout-p", "augment.cutout_p 0.5 -> 1.0")]:
+        at = args.index(flag)
+        assert main(args[:at] + args[at + 2:]) == 2, f"resuming without {flag} is refused"
+        assert change in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, flags, message", [
+    ("s10", ["--patience", "1"], "patience applies to ReduceLROnPlateau recipes only; s10 uses One Cycle"),
+    ("s8", ["--patience", "-1"], "patience must be 0 or more epochs, got -1"),
+    ("s8", ["--cutout-p", "1.5"], "cutout_p must be in [0, 1], got 1.5"),
+])
+def test_bad_plateau_and_cutout_overrides_are_one_line_errors(capsys, recipe, flags, message):
+    assert main(["train", "--recipe", recipe, "--synthetic"] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

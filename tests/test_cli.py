@@ -12,6 +12,7 @@ import torch
 
 from helpers import pipeline, train
 from helpers.__main__ import main
+from helpers.recipes import S8
 
 TINY = ["--synthetic", "--epochs", "1", "--batch-size", "32", "--train-subset", "64",
         "--test-subset", "40", "--no-progress", "--workers", "0"]
@@ -267,16 +268,18 @@ def test_download_without_any_reachable_copy_is_one_line(tmp_path, capsys, monke
 
 
 def test_plateau_patience_and_cutout_p_reach_the_scheduler_and_the_augmentation(tmp_path, capsys):
+    patience, cutout_p = S8.plateau.patience + 2, S8.augment.cutout_p / 4  # both unlike the recipe's
     out = tmp_path / "s8"
-    args = ["train", "--recipe", "s8", "--out", str(out), "--patience", "1", "--cutout-p", "0.5"] + TINY
+    args = ["train", "--recipe", "s8", "--out", str(out), "--patience", str(patience),
+            "--cutout-p", str(cutout_p)] + TINY
     assert main(args) == 0
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-    assert state["scheduler"]["patience"] == 1
+    assert state["scheduler"]["patience"] == patience
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["settings"]["patience"], metrics["settings"]["cutout_p"]) == (1, 0.5)
+    assert (metrics["settings"]["patience"], metrics["settings"]["cutout_p"]) == (patience, cutout_p)
     assert not metrics["full_run"]
-    for flag, change in [("--patience", "plateau.patience 1 -> 2"),
-                         ("--cutout-p", "augment.cutout_p 0.5 -> 1.0")]:
+    for flag, change in [("--patience", f"plateau.patience {patience} -> {S8.plateau.patience}"),
+                         ("--cutout-p", f"augment.cutout_p {cutout_p} -> {S8.augment.cutout_p}")]:
         at = args.index(flag)
         assert main(args[:at] + args[at + 2:]) == 2, f"resuming without {flag} is refused"
         assert change in capsys.readouterr().err

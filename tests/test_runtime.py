@@ -55,6 +55,33 @@ def test_run_metadata_names_the_machine_versions_and_commit():
     assert meta["git_commit"] is None or len(meta["git_commit"].split("+")[0]) == 40
 
 
+ZEN5_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu avx512_bf16
+
+processor\t: 1
+cpu family\t: 99
+model\t\t: 9
+model name\t: Other
+"""
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    (ZEN5_CPUINFO, "AMD EPYC (family 26, model 2)"),  # the first processor's block, not the last
+    ("model name\t: Apple M2\n", "Apple M2"),  # no family: the name alone
+])
+def test_the_cpu_is_named_with_its_family_and_model(cpuinfo, expected):
+    assert rt.cpu_model(cpuinfo) == expected
+
+
+def test_without_a_model_name_the_cpu_is_what_platform_reports(monkeypatch):
+    monkeypatch.setattr(rt.platform, "processor", lambda: "arm")
+    assert rt.cpu_model("") == "arm"
+
+
 def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".last.pt.tmp99999").write_bytes(b"x")
     (tmp_path / ".best.pt.tmp123").write_bytes(b"x")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers.__main__ import run_guarded
+from helpers.__main__ import add_tuning_flags, run_guarded, tuning_overrides
 from helpers.pipeline import (
     RunSettings,
     SettingsError,
@@ -30,7 +30,7 @@ from helpers.pipeline import (
     run_recipe,
     start_run,
 )
-from helpers.recipes import ANNEALS, OPTIMIZERS, RECIPES
+from helpers.recipes import RECIPES
 from helpers.runtime import atomic_write, run_metadata
 
 from . import throughput
@@ -89,11 +89,7 @@ def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
     for seed in args.seeds:
         settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                                epochs=args.epochs, train_subset=args.train_subset,
-                               test_subset=args.test_subset, max_lr=args.max_lr, lr=args.lr,
-                               optimizer=args.optimizer, seed=seed,
-                               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                               div_factor=args.div_factor, anneal=args.anneal,
-                               patience=args.patience, cutout_p=args.cutout_p,
+                               test_subset=args.test_subset, seed=seed, **tuning_overrides(args),
                                out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
                                compile=args.compile, progress=not args.no_progress)
         if recorded_already(settings.out_dir, args.log):
@@ -240,15 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--seeds", type=int, nargs="+", default=[0])
     for flag in ("--epochs", "--train-subset", "--test-subset"):
         t.add_argument(flag, type=int)
-    t.add_argument("--max-lr", type=float)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--optimizer", choices=OPTIMIZERS)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--div-factor", type=float)
-    t.add_argument("--anneal", choices=ANNEALS)
-    t.add_argument("--patience", type=int)
-    t.add_argument("--cutout-p", type=float)
+    add_tuning_flags(t)
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)

@@ -22,21 +22,12 @@ def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = Non
     return ", ".join(f"{name}: {v:g}" if isinstance(v, float) else f"{name}: {v}" for name, v in named)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: one `train` command with the recipe and its overrides."""
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a recipe end to end and write metrics and figures")
-    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
-    p.add_argument("--data-dir", default="data",
-                   help="ImageFolder copy, torchvision folder, or a folder holding cifar-10-python.tar.gz")
-    p.add_argument("--download", action="store_true",
-                   help="fetch CIFAR-10 from md5-verified mirrors if --data-dir lacks it")
-    p.add_argument("--mirrors", help="archive URLs to try, in order (spaces or commas); "
-                                     "default: $CIFAR10_URLS, else the built-in mirrors")
-    p.add_argument("--synthetic", action="store_true", help="synthetic images (smoke runs)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor", "anneal",
+                "patience", "cutout_p")  # the RunSettings fields `add_tuning_flags` sets
+
+
+def add_tuning_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that change a recipe's training (the CLI's and the benchmarks' train commands)."""
     p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="replace the recipe's optimizer (tuning runs; "
@@ -44,7 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float,
                    help="ReduceLROnPlateau: the starting LR (tuning runs; "
                         f"{recipe_values(lambda r: r.lr, 'plateau')})")
-    p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
     p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
     p.add_argument("--label-smoothing", type=float,
                    help="override the recipe's label smoothing (tuning runs)")
@@ -60,6 +50,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cutout-p", type=float,
                    help="how often the cutout hole is applied (tuning runs; "
                         f"{recipe_values(lambda r: r.augment.cutout_p)})")
+
+
+def tuning_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The tuning flags as RunSettings keyword arguments."""
+    return {name: getattr(args, name) for name in TUNING_FLAGS}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: one `train` command with the recipe and its overrides."""
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe end to end and write metrics and figures")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p.add_argument("--data-dir", default="data",
+                   help="ImageFolder copy, torchvision folder, or a folder holding cifar-10-python.tar.gz")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR-10 from md5-verified mirrors if --data-dir lacks it")
+    p.add_argument("--mirrors", help="archive URLs to try, in order (spaces or commas); "
+                                     "default: $CIFAR10_URLS, else the built-in mirrors")
+    p.add_argument("--synthetic", action="store_true", help="synthetic images (smoke runs)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    add_tuning_flags(p)
+    p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
     p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
@@ -83,10 +97,7 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
         synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
-        max_lr=args.max_lr, lr=args.lr, optimizer=args.optimizer, lr_finder_iters=args.lr_finder_iters,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, div_factor=args.div_factor,
-        anneal=args.anneal, patience=args.patience, cutout_p=args.cutout_p,
-        train_subset=args.train_subset,
+        lr_finder_iters=args.lr_finder_iters, **tuning_overrides(args), train_subset=args.train_subset,
         test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
         workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,
         progress=not args.no_progress)

@@ -22,8 +22,9 @@ def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = Non
     return ", ".join(f"{name}: {v:g}" if isinstance(v, float) else f"{name}: {v}" for name, v in named)
 
 
-TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor", "anneal",
-                "patience", "cutout_p")  # the RunSettings fields `add_tuning_flags` sets
+# the RunSettings fields `add_tuning_flags` sets
+TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor",
+                "final_div_factor", "anneal", "patience", "cutout_p")
 
 
 def add_tuning_flags(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,9 @@ def add_tuning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--div-factor", type=float,
                    help="One Cycle: start LR = max LR / this (tuning runs; "
                         f"{recipe_values(lambda r: r.onecycle.div_factor, 'onecycle')})")
+    p.add_argument("--final-div-factor", type=float,
+                   help="One Cycle: end LR = start LR / this; above 1 anneals below LRMIN (tuning runs; "
+                        f"{recipe_values(lambda r: r.onecycle.final_div_factor, 'onecycle')})")
     p.add_argument("--anneal", choices=ANNEALS,
                    help="One Cycle: the shape of its rise and fall (tuning runs; "
                         f"{recipe_values(lambda r: r.onecycle.anneal, 'onecycle')})")

@@ -74,6 +74,7 @@ class RunSettings:
     weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
     div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
+    final_div_factor: float | None = None  # tuning runs: One Cycle's end LR = start LR / final_div_factor
     anneal: str | None = None  # tuning runs: One Cycle's shape, "linear" or "cos"
     patience: int | None = None  # tuning runs: epochs ReduceLROnPlateau waits before cutting the LR
     cutout_p: float | None = None  # tuning runs: how often the cutout hole is applied
@@ -113,6 +114,9 @@ class RunSettings:
         if self.div_factor is not None:
             if not (math.isfinite(self.div_factor) and self.div_factor > 1):
                 raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
+        final_div = self.final_div_factor
+        if final_div is not None and not (math.isfinite(final_div) and final_div >= 1):
+            raise SettingsError(f"final_div_factor must be a finite number >= 1, got {final_div}")
         if self.anneal is not None and self.anneal not in ANNEALS:
             raise SettingsError(f"unknown anneal {self.anneal!r}; expected one of {list(ANNEALS)}")
         if self.patience is not None and self.patience < 0:
@@ -122,7 +126,7 @@ class RunSettings:
                 raise SettingsError(f"cutout_p must be in [0, 1], got {self.cutout_p}")
             if not recipe.augment.cutout_size:
                 raise SettingsError(f"cutout_p: {self.recipe} has no cutout; leave cutout_p unset")
-        for name in ("max_lr", "div_factor", "anneal"):
+        for name in ("max_lr", "div_factor", "final_div_factor", "anneal"):
             if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
                                     "uses ReduceLROnPlateau: pass lr")
@@ -162,10 +166,11 @@ class RunSettings:
 
     def recipe_object(self) -> Recipe:
         """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
-        decay, label smoothing, One Cycle's div factor and shape, the plateau's patience, cutout's p)."""
+        decay, label smoothing, One Cycle's div factors and shape, the plateau's patience, cutout's p)."""
         recipe = get_recipe(self.recipe)
-        cycle_changes = {k: v for k, v in (("div_factor", self.div_factor), ("anneal", self.anneal))
-                         if v is not None}
+        cycle_changes = {k: v for k, v in (("div_factor", self.div_factor),
+                                           ("final_div_factor", self.final_div_factor),
+                                           ("anneal", self.anneal)) if v is not None}
         onecycle = replace(recipe.onecycle, **cycle_changes) if cycle_changes else None
         plateau = None if self.patience is None else replace(recipe.plateau, patience=self.patience)
         augment = None if self.cutout_p is None else replace(recipe.augment, cutout_p=self.cutout_p)
@@ -188,6 +193,7 @@ class RunSettings:
                 and self.weight_decay in (None, recipe.weight_decay)
                 and self.label_smoothing in (None, recipe.label_smoothing)
                 and self.div_factor in (None, recipe.onecycle.div_factor)
+                and self.final_div_factor in (None, recipe.onecycle.final_div_factor)
                 and self.anneal in (None, recipe.onecycle.anneal)
                 and self.patience in (None, recipe.plateau.patience)
                 and self.cutout_p in (None, recipe.augment.cutout_p))

@@ -104,7 +104,8 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
                                                                                      capsys):
     out = tmp_path / "s9"
     args = ["train", "--recipe", "s9", "--out", str(out), "--weight-decay", "0.003",
-            "--label-smoothing", "0.25", "--div-factor", "40", "--anneal", "cos"] + TINY
+            "--label-smoothing", "0.25", "--div-factor", "40", "--final-div-factor", "1000",
+            "--anneal", "cos"] + TINY
     smoothing = []
     original_loss = train.nn.CrossEntropyLoss
 
@@ -117,19 +118,20 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     groups = state["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.003, 0.0]
-    # S9's fixed peak 0.2 and final div factor 200: One Cycle starts at 0.2/40, ends 200 times lower
+    # S9's fixed peak 0.2: One Cycle starts at 0.2/40 and ends 1000 times lower (the recipe: 200)
     assert groups[0]["initial_lr"] == pytest.approx(0.2 / 40) and groups[0]["max_lr"] == 0.2
-    assert groups[0]["min_lr"] == pytest.approx(0.2 / 40 / 200)
+    assert groups[0]["min_lr"] == pytest.approx(0.2 / 40 / 1000)
     assert smoothing and set(smoothing) == {0.25}
     metrics = json.loads((out / "metrics.json").read_text())
     settings = metrics["settings"]
     assert (settings["weight_decay"], settings["label_smoothing"]) == (0.003, 0.25)
-    assert settings["div_factor"] == 40 and settings["anneal"] == "cos"
+    assert (settings["div_factor"], settings["final_div_factor"], settings["anneal"]) == (40, 1000, "cos")
     assert not metrics["full_run"]
     # each override alone is part of what a checkpoint must match: without it, resuming is refused
     for flag, change in [("--weight-decay", "weight_decay 0.003 -> 0.0005"),
                          ("--label-smoothing", "label_smoothing 0.25 -> 0.0"),
                          ("--div-factor", "onecycle.div_factor 40.0 -> 20.0"),
+                         ("--final-div-factor", "onecycle.final_div_factor 1000.0 -> 200.0"),
                          ("--anneal", "onecycle.anneal 'cos' -> 'linear'")]:
         at = args.index(flag)
         assert main(args[:at] + args[at + 2:]) == 2
@@ -141,6 +143,8 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     (["--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
     (["--div-factor", "1"], "div_factor must be a finite number > 1, got 1.0"),
+    (["--final-div-factor", "0.5"], "final_div_factor must be a finite number >= 1, got 0.5"),
+    (["--final-div-factor", "inf"], "final_div_factor must be a finite number >= 1, got inf"),
     (["--max-lr", "0"], "max_lr must be a positive finite number, got 0.0"),
     (["--max-lr", "-0.01"], "max_lr must be a positive finite number"),
     (["--max-lr", "nan"], "max_lr must be a positive finite number, got nan"),
@@ -173,7 +177,8 @@ def test_another_optimizer_must_bring_the_lr_its_recipe_fixes(capsys, recipe, fl
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
-@pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20"), ("--anneal", "cos")])
+@pytest.mark.parametrize("flag, value", [("--max-lr", "0.1"), ("--div-factor", "20"),
+                                         ("--final-div-factor", "1000"), ("--anneal", "cos")])
 def test_one_cycle_flags_on_a_plateau_recipe_are_refused(capsys, flag, value):
     assert main(["train", "--recipe", "s8", "--synthetic", flag, value]) == 2
     assert f"{flag[2:].replace('-', '_')} applies to One Cycle recipes only" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
-Optimizer = Literal["adam", "sgd"]
+Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # the names the CLI and the settings accept
 Anneal = Literal["linear", "cos"]
 ANNEALS: tuple[str, ...] = get_args(Anneal)  # One Cycle's shapes, as torch's OneCycleLR names them

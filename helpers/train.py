@@ -41,13 +41,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer (Adam or SGD+Nesterov) at `lr` (default: the recipe's)."""
+    """The recipe's optimizer (Adam, AdamW or SGD+Nesterov) at `lr` (default: the recipe's)."""
     groups = parameter_groups(model, recipe.weight_decay)
     lr = recipe.lr if lr is None else lr
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"learning rate must be a positive finite number, got {lr}")
     if recipe.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
+    if recipe.optimizer == "adamw":
+        # Decay decoupled from the gradient (w -= lr * wd * w), not Adam's L2 term that the second
+        # moment rescales per weight: the usual fix for normalized nets, so its wd is ~100x larger.
+        return torch.optim.AdamW(groups, lr=lr)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; expected one of {OPTIMIZERS}")

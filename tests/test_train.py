@@ -103,6 +103,24 @@ def test_weight_decay_skips_norm_and_bias_parameters():
     assert len(groups[1]["params"]) == 4  # conv bias, norm weight and bias, fc bias
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adamw_decays_weights_by_lr_times_wd_where_adam_adds_l2_to_the_gradient(optimizer):
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.bias.fill_(2.0)
+    lr, wd = 0.01, 0.1
+    opt = train.build_optimizer(model, S8.with_overrides(optimizer=optimizer, weight_decay=wd), lr)
+    model.weight.grad = torch.zeros_like(model.weight)
+    model.bias.grad = torch.zeros_like(model.bias)
+    opt.step()
+    # zero gradient: AdamW shrinks by the factor (1 - lr * wd); Adam's L2 gradient wd * w is
+    # normalized by its own square root, so the step is lr (times 1 - 1e-8 / (|g| + eps) ~ 1)
+    expected = 2.0 * (1 - lr * wd) if optimizer == "adamw" else 2.0 - lr
+    assert torch.allclose(model.weight, torch.full_like(model.weight, expected), atol=1e-6)
+    assert torch.equal(model.bias, torch.full_like(model.bias, 2.0))  # no decay on biases
+
+
 def test_checkpoint_round_trip_is_atomic(tmp_path):
     path = tmp_path / "deep" / "ck.pt"
     state = {"model": TinyNet().state_dict(), "epoch": 3, "history": [{"epoch": 1}]}

@@ -133,6 +133,8 @@ S10 = Recipe(
 # 35.0% in 285 s. Same epoch for comparison: BatchNorm in place of LayerNorm 44.1%, no cutout and
 # rotation 35.0%, no zero-init of the residual branches 21.8%, LayerNorm over channels per pixel
 # (ConvNeXt's) 31.0%: LayerNorm itself is what makes the net slow, and the zero init matters.
+# Full run with cutout on half the images and patience 1 (Intel AMX Xeon, bf16, JPEG copy, seed 0):
+# faster at 1e-3 but cut to the 1e-5 floor by epoch 34, 81.08% against this recipe's 80.93%: a tie.
 S8 = Recipe(
     name="s8",
     model="resnet18",

@@ -69,9 +69,9 @@ class RunSettings:
     batch_size: int | None = None
     max_lr: float | None = None
     lr: float | None = None  # tuning runs: ReduceLROnPlateau's starting LR (One Cycle takes max_lr)
-    optimizer: str | None = None  # tuning runs: "adam", "adamw" or "sgd" in place of the recipe's
+    optimizer: str | None = None  # tuning runs: one of OPTIMIZERS in place of the recipe's
     lr_finder_iters: int | None = None
-    weight_decay: float | None = None  # tuning runs: replaces the recipe's (L2 on conv/linear weights)
+    weight_decay: float | None = None  # tuning runs: replaces the recipe's (see train.build_optimizer)
     label_smoothing: float | None = None  # tuning runs: replaces the recipe's
     div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
     final_div_factor: float | None = None  # tuning runs: One Cycle's end LR = start LR / final_div_factor

@@ -24,7 +24,7 @@ def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = Non
 
 # the RunSettings fields `add_tuning_flags` sets
 TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor",
-                "final_div_factor", "anneal", "patience", "cutout_p")
+                "final_div_factor", "anneal", "patience", "cutout_p", "strides")
 
 
 def add_tuning_flags(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,9 @@ def add_tuning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutout-p", type=float,
                    help="how often the cutout hole is applied (tuning runs; "
                         f"{recipe_values(lambda r: r.augment.cutout_p)})")
+    p.add_argument("--strides", metavar="S1,S2,S3,S4",
+                   help="ResNets: the first stride of each stage, 1 or 2 (tuning runs; default 1,2,2,2; "
+                        "1,2,2,1 keeps the last stage at 8x8)")
 
 
 def tuning_overrides(args: argparse.Namespace) -> dict[str, object]:

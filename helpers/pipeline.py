@@ -29,7 +29,7 @@ from .analysis import Predictions, predict, select_misclassified
 from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, load_data, summarize
 from .gradcam import explain_items
 from .lr_finder import LRRangeResult, lr_range_test
-from .models import count_parameters, create_model
+from .models import KUANGLIU_STRIDES, count_parameters, create_model
 from .recipes import ANNEALS, OPTIMIZERS, RECIPES, Recipe, get_recipe
 from .runtime import (
     Runtime,
@@ -78,6 +78,7 @@ class RunSettings:
     anneal: str | None = None  # tuning runs: One Cycle's shape, "linear" or "cos"
     patience: int | None = None  # tuning runs: epochs ReduceLROnPlateau waits before cutting the LR
     cutout_p: float | None = None  # tuning runs: how often the cutout hole is applied
+    strides: str | None = None  # tuning runs, ResNets: each stage's first stride, e.g. "1,2,2,1"
     train_subset: int | None = None
     test_subset: int | None = None
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
@@ -126,6 +127,11 @@ class RunSettings:
                 raise SettingsError(f"cutout_p must be in [0, 1], got {self.cutout_p}")
             if not recipe.augment.cutout_size:
                 raise SettingsError(f"cutout_p: {self.recipe} has no cutout; leave cutout_p unset")
+        if self.strides is not None:
+            if recipe.model not in ("resnet18", "resnet34"):
+                raise SettingsError(f"strides: {self.recipe}'s {recipe.model} has fixed strides; "
+                                    "leave strides unset")
+            parse_strides(self.strides)
         for name in ("max_lr", "div_factor", "final_div_factor", "anneal"):
             if getattr(self, name) is not None and recipe.scheduler != "onecycle":
                 raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
@@ -166,7 +172,8 @@ class RunSettings:
 
     def recipe_object(self) -> Recipe:
         """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
-        decay, label smoothing, One Cycle's div factors and shape, the plateau's patience, cutout's p)."""
+        decay, label smoothing, One Cycle's div factors and shape, the plateau's patience, cutout's p,
+        a ResNet's strides)."""
         recipe = get_recipe(self.recipe)
         cycle_changes = {k: v for k, v in (("div_factor", self.div_factor),
                                            ("final_div_factor", self.final_div_factor),
@@ -174,8 +181,12 @@ class RunSettings:
         onecycle = replace(recipe.onecycle, **cycle_changes) if cycle_changes else None
         plateau = None if self.patience is None else replace(recipe.plateau, patience=self.patience)
         augment = None if self.cutout_p is None else replace(recipe.augment, cutout_p=self.cutout_p)
+        strides = None if self.strides is None else parse_strides(self.strides)
+        # the default layout stays out of model_kwargs, so its runs and checkpoints match the recipe's
+        model_kwargs = (None if strides in (None, recipe.model_kwargs.get("strides", KUANGLIU_STRIDES))
+                        else recipe.model_kwargs | {"strides": strides})
         return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                     optimizer=self.optimizer,
+                                     optimizer=self.optimizer, model_kwargs=model_kwargs,
                                      weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
                                      onecycle=onecycle, plateau=plateau, augment=augment)
 
@@ -196,7 +207,8 @@ class RunSettings:
                 and self.final_div_factor in (None, recipe.onecycle.final_div_factor)
                 and self.anneal in (None, recipe.onecycle.anneal)
                 and self.patience in (None, recipe.plateau.patience)
-                and self.cutout_p in (None, recipe.augment.cutout_p))
+                and self.cutout_p in (None, recipe.augment.cutout_p)
+                and self.recipe_object().model_kwargs == recipe.model_kwargs)
 
     @classmethod
     def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:
@@ -208,6 +220,15 @@ class RunSettings:
             if f.name != "recipe" and raw:
                 values[f.name] = _parse(f.name, raw, f.type)
         return cls(**values)
+
+
+def parse_strides(text: str) -> tuple[int, int, int, int]:
+    """'1,2,2,1' as a ResNet's four stage strides, or a one-line error that says what to pass."""
+    parts = text.replace(" ", "").split(",")
+    if len(parts) != 4 or any(p not in ("1", "2") for p in parts):
+        raise SettingsError(f"strides {text!r}: expected four values of 1 or 2, one per stage, "
+                            "such as 1,2,2,1")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def _parse(name: str, raw: str, kind: str) -> Any:

@@ -291,16 +291,18 @@ def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, t
 
 
 def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose signature differs from `expected` on any key `expected` holds.
+    """Refuse a checkpoint whose signature differs from `expected` on any key either one holds.
 
     A key the checkpoint lacks (a recipe field added later) matches when `expected` holds that
-    field's default, which is by construction the behaviour the older run had.
+    field's default, which is by construction the behaviour the older run had. A recipe key only the
+    checkpoint holds (a model argument such as strides, set for that run alone) is a difference;
+    other keys may be left out of `expected` to check a checkpoint before the data is loaded.
     """
     saved = state.get("signature", {})
     defaults = _flatten({"recipe": _field_defaults(Recipe)})
     differences = []
-    for key, value in expected.items():
-        old = saved.get(key, defaults.get(key, "<missing>"))
+    for key in [*expected, *(k for k in saved if k.startswith("recipe.") and k not in expected)]:
+        old, value = saved.get(key, defaults.get(key, "<missing>")), expected.get(key, "<unset>")
         if old != value:
             name = key.removeprefix("recipe.")
             short = len(repr(old)) + len(repr(value)) < 100  # a long value (the transform) is named only

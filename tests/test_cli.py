@@ -201,6 +201,36 @@ def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(
     assert "lr 0.02 -> 0.001" in capsys.readouterr().err
 
 
+def test_strides_reach_the_model_and_mark_the_run_not_full(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s8"
+    built = []
+    original = pipeline.create_model
+
+    def recording_create_model(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(pipeline, "create_model", recording_create_model)
+    args = ["train", "--recipe", "s8", "--out", str(out), "--strides", "1,2,2,1"] + TINY
+    assert main(args) == 0
+    assert built[0].layer4[0].conv1.stride == (1, 1) and built[0].layer3[0].conv1.stride == (2, 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["strides"] == "1,2,2,1" and not metrics["full_run"]
+    assert main(args[:5] + args[7:]) == 2, "resuming with the recipe's strides is refused"
+    assert "model_kwargs.strides (1, 2, 2, 1) -> '<unset>'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, strides, message", [
+    ("s8", "1,2,2", "strides '1,2,2': expected four values of 1 or 2, one per stage, such as 1,2,2,1"),
+    ("s8", "1,2,2,4", "strides '1,2,2,4': expected four values of 1 or 2, one per stage, such as 1,2,2,1"),
+    ("s10", "1,2,2,1", "strides: s10's custom_resnet has fixed strides; leave strides unset"),
+])
+def test_bad_strides_are_refused_before_any_work(tmp_path, capsys, recipe, strides, message):
+    out = tmp_path / "never"
+    assert main(["train", "--recipe", recipe, "--synthetic", "--out", str(out), "--strides", strides]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n" and not out.exists()
+
+
 def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, capsys):
     out = tmp_path / "s8"
     assert main(["train", "--recipe", "s8", "--out", str(out), "--optimizer", "sgd"] + TINY) == 2

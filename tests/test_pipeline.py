@@ -30,6 +30,15 @@ def test_a_notebook_can_set_the_plateau_recipes_starting_lr():
     assert RunSettings.from_env("s8", {"CIFAR_LR": "0.001"}).is_full_run, "the recipe's own LR"
 
 
+def test_strides_change_the_model_kwargs_only_when_they_differ_from_the_recipe():
+    late = RunSettings.from_env("s8", {"CIFAR_STRIDES": "1, 2, 2, 1"})
+    assert late.recipe_object().model_kwargs == {"norm": "ln", "zero_init_residual": True,
+                                                 "strides": (1, 2, 2, 1)}
+    assert not late.is_full_run
+    usual = RunSettings.from_env("s8", {"CIFAR_STRIDES": "1,2,2,2"})
+    assert usual.recipe_object() == RunSettings("s8").recipe_object() and usual.is_full_run
+
+
 @pytest.mark.parametrize("env, message", [
     ({"CIFAR_EPOCHS": "two"}, "CIFAR_EPOCHS='two' is not a valid int"),
     ({"CIFAR_RESUME": "maybe"}, "CIFAR_RESUME='maybe' is not a valid bool"),

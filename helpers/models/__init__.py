@@ -8,7 +8,7 @@ from torch import nn
 
 from .custom_resnet import CustomResNet
 from .dilated_dwsep_net import DilatedDWSepNet
-from .resnet import NORMS, ResNet18, ResNet34, make_norm
+from .resnet import KUANGLIU_STRIDES, NORMS, ResNet18, ResNet34, make_norm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "custom_resnet": CustomResNet,
@@ -33,6 +33,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18", "ResNet34",
+    "KUANGLIU_STRIDES", "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18", "ResNet34",
     "count_parameters", "create_model", "make_norm",
 ]

@@ -584,6 +584,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def is_full_run(settings: RunSettings, sessions: list[dict[str, Any]]) -> bool:
+    """Whether a run, resumed over `sessions`, is the assignment's: this execution's settings are.
+
+    Resuming already proved that every earlier execution trained with the same recipe, data and
+    seed (the checkpoint's signature), whatever flags spelled them; what it does not cover is how a
+    range test chose the max LR (its length, or a --max-lr in its place), so a recipe with a range
+    test also needs every execution to have been full when it ran (a short test resumed in full is not).
+    """
+    recipe = settings.recipe_object()
+    range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None
+    return settings.is_full_run and (not range_test or all(s.get("full_run") for s in sessions))
+
+
 def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysis,
                max_lr: MaxLR) -> dict[str, Any]:
     """Everything a reader needs to trust the numbers: results, speed, device, versions, settings."""
@@ -594,8 +607,7 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
     test_seconds = sum(r["test_seconds"] for r in history)
     return _finite({
         "recipe": run.recipe.name,
-        # full only if every execution that trained part of it was (a smoke start resumed in full is not)
-        "full_run": run.settings.is_full_run and all(s.get("full_run") for s in result.sessions),
+        "full_run": is_full_run(run.settings, result.sessions),
         "final_test_acc": history[-1]["test_acc"] if history else None,
         "best_test_acc": result.best_acc if history else None,
         "epochs": len(history),

@@ -39,6 +39,16 @@ def test_strides_change_the_model_kwargs_only_when_they_differ_from_the_recipe()
     assert usual.recipe_object() == RunSettings("s8").recipe_object() and usual.is_full_run
 
 
+def test_a_resumed_run_is_full_when_its_settings_are_and_its_range_test_was():
+    launched_with_flags, full = {"full_run": False}, {"full_run": True}
+    # S8 has no range test: the resume signature already proved the earlier training identical
+    assert pipeline.is_full_run(RunSettings("s8"), [launched_with_flags, full])
+    assert not pipeline.is_full_run(RunSettings("s8", patience=1), [full, full])
+    # S10's max LR comes from a range test whose length the signature does not cover
+    assert not pipeline.is_full_run(RunSettings("s10"), [launched_with_flags, full])
+    assert pipeline.is_full_run(RunSettings("s10"), [full, full])
+
+
 @pytest.mark.parametrize("env, message", [
     ({"CIFAR_EPOCHS": "two"}, "CIFAR_EPOCHS='two' is not a valid int"),
     ({"CIFAR_RESUME": "maybe"}, "CIFAR_RESUME='maybe' is not a valid bool"),

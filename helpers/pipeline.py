@@ -289,6 +289,10 @@ def start_run(settings: RunSettings) -> Run:
         early = recipe_signature(recipe) | {"seed": settings.seed}
         if settings.max_lr is not None:
             early["max_lr"] = settings.max_lr
+        elif recipe.scheduler != "onecycle":
+            early["max_lr"] = None  # no One Cycle, no peak
+        elif recipe.onecycle.max_lr is not None:
+            early["max_lr"] = recipe.onecycle.max_lr  # a run tuned with another peak must pass it again
         check_resumable(state, early, out / "last.pt")
     lock_run_folder(out)
     removed = remove_stale_temporaries(out)  # safe under the lock: no other run writes here
@@ -336,7 +340,7 @@ def run_info(run: Run) -> dict[str, str]:
                 f"subset {s.train_subset or 'all'}, test subset {s.test_subset or 'all'}",
         "recipe": f"{run.recipe.name}: {run.recipe.model} {run.recipe.model_kwargs}, {run.recipe.epochs} "
                   f"epochs, batch {run.recipe.batch_size}, seed {s.seed}",
-        "run": "full assignment run" if s.is_full_run else
+        "run": "full assignment run" if is_full_run(s, (state or {}).get("sessions", [])) else
                "NOT THE ASSIGNMENT RUN (shortened or changed settings): its numbers are not the results",
         "training": trained,
         "outputs": f"checkpoints and metrics in {run.out}/"
@@ -588,9 +592,10 @@ def is_full_run(settings: RunSettings, sessions: list[dict[str, Any]]) -> bool:
     """Whether a run, resumed over `sessions`, is the assignment's: this execution's settings are.
 
     Resuming already proved that every earlier execution trained with the same recipe, data and
-    seed (the checkpoint's signature), whatever flags spelled them; what it does not cover is how a
-    range test chose the max LR (its length, or a --max-lr in its place), so a recipe with a range
-    test also needs every execution to have been full when it ran (a short test resumed in full is not).
+    seed (the checkpoint's signature, the max LR included: a fixed peak is checked on resume),
+    whatever flags spelled them; what it does not cover is how a range test chose the max LR (its
+    length, or a --max-lr in its place), so a recipe with a range test also needs every execution
+    to have been full when it ran (a short test resumed in full is not).
     """
     recipe = settings.recipe_object()
     range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None

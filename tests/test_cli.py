@@ -201,6 +201,14 @@ def test_a_starting_lr_reaches_the_plateau_optimizer_and_marks_the_run_not_full(
     assert "lr 0.02 -> 0.001" in capsys.readouterr().err
 
 
+def test_a_run_tuned_with_another_fixed_peak_resumes_only_with_it(tmp_path, capsys):
+    out = tmp_path / "s9"
+    args = ["train", "--recipe", "s9", "--out", str(out), "--max-lr", "0.05"] + TINY
+    assert main(args) == 0
+    assert main(args[:5] + args[7:]) == 2, "resuming with S9's own peak 0.2 is refused"
+    assert "max_lr 0.05 -> 0.2" in capsys.readouterr().err
+
+
 def test_strides_reach_the_model_and_mark_the_run_not_full(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s8"
     built = []

@@ -194,10 +194,9 @@ class RunSettings:
     def is_full_run(self) -> bool:
         """True when nothing shortens or changes the assignment: real data, all of it, the recipe as is."""
         recipe = get_recipe(self.recipe)
-        range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None
         return (not self.synthetic and self.train_subset is None and self.test_subset is None
                 and self.epochs in (None, recipe.epochs) and self.batch_size in (None, recipe.batch_size)
-                and (not range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
+                and (not recipe.has_range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
                 and self.max_lr is None
                 and self.lr in (None, recipe.lr)
                 and self.optimizer in (None, recipe.optimizer)
@@ -597,8 +596,7 @@ def is_full_run(settings: RunSettings, sessions: list[dict[str, Any]]) -> bool:
     length, or a --max-lr in its place), so a recipe with a range test also needs every execution
     to have been full when it ran (a short test resumed in full is not).
     """
-    recipe = settings.recipe_object()
-    range_test = recipe.scheduler == "onecycle" and recipe.onecycle.max_lr is None
+    range_test = settings.recipe_object().has_range_test
     return settings.is_full_run and (not range_test or all(s.get("full_run") for s in sessions))
 
 

@@ -88,6 +88,11 @@ class Recipe:
     lr_finder: LRFinder = field(default_factory=LRFinder)
     num_misclassified: int = 20
 
+    @property
+    def has_range_test(self) -> bool:
+        """True when the LR range test chooses One Cycle's peak (no fixed max LR)."""
+        return self.scheduler == "onecycle" and self.onecycle.max_lr is None
+
     def with_overrides(self, **changes: Any) -> Recipe:
         """Return a copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

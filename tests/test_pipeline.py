@@ -12,6 +12,7 @@ import pytest
 
 from helpers import pipeline
 from helpers.pipeline import RunSettings, SettingsError, save_json, start_run
+from helpers.recipes import S8
 
 
 def test_notebook_settings_come_from_defaults_then_the_environment():
@@ -27,7 +28,7 @@ def test_notebook_settings_come_from_defaults_then_the_environment():
 def test_a_notebook_can_set_the_plateau_recipes_starting_lr():
     settings = RunSettings.from_env("s8", {"CIFAR_LR": "0.02"})
     assert settings.recipe_object().lr == 0.02 and not settings.is_full_run
-    assert RunSettings.from_env("s8", {"CIFAR_LR": "0.001"}).is_full_run, "the recipe's own LR"
+    assert RunSettings.from_env("s8", {"CIFAR_LR": str(S8.lr)}).is_full_run, "the recipe's own LR"
 
 
 def test_strides_change_the_model_kwargs_only_when_they_differ_from_the_recipe():

@@ -125,9 +125,10 @@ S10 = Recipe(
     lr_finder=LRFinder(start_lr=1e-5, end_lr=1.0, num_iter=100, fraction=1.0),
 )
 
-# AdamW rather than SGD or Adam: ResNet18 with LayerNorm learns slowly. The full run of the first
-# recipe (SGD + Nesterov at 0.05, weight decay 5e-4; JPEG copy, seed 0, bf16 on a 2-core Zen 5 EPYC)
-# had 59% train accuracy after 13 epochs at 0.05 and 69.75% best test accuracy after 18 epochs.
+# AdamW rather than SGD or Adam (full runs and probes below). ResNet18 with LayerNorm learns slowly
+# under SGD: the full run of the first recipe (SGD + Nesterov at 0.05, weight decay 5e-4; JPEG copy,
+# seed 0, bf16 on a 2-core Zen 5 EPYC) had 59% train accuracy after 13 epochs at 0.05 and 69.75%
+# best test accuracy after 18 epochs.
 # After 200 steps on the full training set (batch 256, same data and seed, 2,000 test images):
 # SGD 0.05 24.2%, SGD 0.02 26.3%, Adam 1e-3 33.7%, Adam 3e-3 28.4%.
 # Batch 128 rather than 256: the network learns slowly per image whatever the LR, so twice the
@@ -151,7 +152,7 @@ S8 = Recipe(
     batch_size=128,
     optimizer="adamw",
     lr=2e-3,
-    weight_decay=0.05,  # decoupled: each step shrinks the weights by lr * 0.05
+    weight_decay=0.05,  # decoupled: each step shrinks conv and linear weights by the fraction lr * 0.05
     scheduler="plateau",
     augment=Augment(crop_padding=4, rotate_limit=5.0, cutout_size=16, cutout_p=0.5),
     gradcam_layer="layer3",  # 256x8x8; layer4 is 4x4

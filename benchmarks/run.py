@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers.__main__ import add_tuning_flags, run_guarded, tuning_overrides
+from helpers.__main__ import OneLineParser, add_tuning_flags, run_guarded, tuning_overrides
 from helpers.pipeline import (
     RunSettings,
     SettingsError,
@@ -47,14 +47,27 @@ def append_record(record: dict[str, Any], log: Path = LOG) -> None:
     if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
         raise SettingsError(f"this {record['recipe']} training (first started "
                             f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
-    with open(log, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+    kept = log.read_text() if log.exists() else ""
+    line = json.dumps(record, allow_nan=False) + "\n"
+    # The whole log rewritten and renamed, not appended to: a killed write never leaves a torn line.
+    atomic_write(log, lambda tmp: Path(tmp).write_text(kept + line))
     write_report(log, log.with_name(REPORT.name))
 
 
 def read_records(log: Path = LOG) -> list[dict[str, Any]]:
-    """Every record of the results log, oldest first."""
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    """Every record of the results log, oldest first; a line that is not JSON is a one-line SettingsError."""
+    if not log.exists():
+        return []
+    records = []
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"{log} line {number} is not a JSON record ({err.msg}); restore the file "
+                                f"(git checkout -- {log}) or delete that line") from err
+    return records
 
 
 def training_record(metrics: dict[str, Any], command: str, note: str | None = None) -> dict[str, Any]:
@@ -86,14 +99,19 @@ def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
     A seed whose finished run is already in the log is skipped, so the same command resumes a
     stopped multi-seed benchmark at the seed it stopped in. `started` gets each seed's settings.
     """
-    for seed in args.seeds:
-        settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
-                               epochs=args.epochs, train_subset=args.train_subset,
-                               test_subset=args.test_subset, seed=seed, **tuning_overrides(args),
-                               out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
-                               compile=args.compile, progress=not args.no_progress)
+    # Every seed's settings first: a bad one is refused before any seed trains.
+    all_settings = [
+        RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
+                    epochs=args.epochs, train_subset=args.train_subset,
+                    test_subset=args.test_subset, seed=seed, **tuning_overrides(args),
+                    out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
+                    compile=args.compile, progress=not args.no_progress)
+        for seed in args.seeds
+    ]
+    for settings in all_settings:
         if recorded_already(settings.out_dir, args.log):
-            print(f"seed {seed}: its finished run in {settings.out_dir}/ is already in {args.log}; skipped")
+            print(f"seed {settings.seed}: its finished run in {settings.out_dir}/ is already in "
+                  f"{args.log}; skipped")
             continue
         started.append(settings)
         append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
@@ -187,7 +205,7 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
              "`../shared/data` unpacked (lossy JPEG, accuracy a little below the original release).", "",
              "## Training runs", "",
              "| recipe | full run | device | runtime | data | seed | epochs | final acc | best acc "
-             "| training time | train img/s | resumes | commit | note |",
+             "| time (training + test passes) | train img/s | resumes | commit | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "training"):
         meta = r["metadata"]
@@ -213,14 +231,14 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
             f"{model['eval_images_per_second']:.0f} | {r['loader']['images_per_second']:,.0f} | "
             f"{r['loader']['workers']} | {r['limit']} | {r['recorded_utc'][:10]} | {_cell(r.get('note'))} |")
     text = "\n".join(lines) + "\n"
-    report.write_text(text)
+    atomic_write(report, lambda tmp: Path(tmp).write_text(text))
     return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m benchmarks.run", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", type=Path, default=LOG, help="results log (JSON lines); results.md beside it")
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("train", "throughput"):

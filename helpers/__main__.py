@@ -22,6 +22,13 @@ def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = Non
     return ", ".join(f"{name}: {v:g}" if isinstance(v, float) else f"{name}: {v}" for name, v in named)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors ("error: ... (see --help)", status 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 # the RunSettings fields `add_tuning_flags` sets
 TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor",
                 "final_div_factor", "anneal", "patience", "cutout_p", "strides")
@@ -66,7 +73,7 @@ def tuning_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: one `train` command with the recipe and its overrides."""
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    parser = OneLineParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a recipe end to end and write metrics and figures")
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
@@ -132,6 +139,7 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
     """Run `work`: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
     from .dataset import DataError
     from .download import DownloadError
+    from .lr_finder import RangeTestError
     from .pipeline import SettingsError
     from .runtime import DeviceError
     from .train import CheckpointError
@@ -143,7 +151,8 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
             traceback.print_exc()
         print(f"\n{_interrupted_message(current_out(), resume)}", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
-    except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, OSError) as err:
+    except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, RangeTestError,
+            OSError) as err:
         if debug:
             traceback.print_exc()
         text = str(err).replace("\n", " ")

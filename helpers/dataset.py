@@ -53,25 +53,33 @@ def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
             "(CLI: --download) or point data_dir at an ImageFolder copy with train/ and test/ "
             "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
         )
+    if root.is_dir() and not download and not _holds_cifar10(root):
+        from .download import CIFAR10_FILENAME
+
+        found = sorted(p.name for p in _visible(root))[:10]
+        raise DataError(
+            f"{str(root)!r} is not a CIFAR-10 folder: expected train/<class>/* and test/<class>/* "
+            f"(ImageFolder layout), torchvision's cifar-10-batches-py/ or {CIFAR10_FILENAME}, "
+            f"found {found or 'nothing'}"
+        )
     return root
+
+
+def _holds_cifar10(root: Path) -> bool:
+    """Whether root has one of the layouts load_cifar10 reads (their contents are checked on loading)."""
+    from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
+
+    return ((root / "train").is_dir() or (root / "test").is_dir() or (root / CIFAR10_FOLDER).is_dir()
+            or (root / CIFAR10_FILENAME).is_file())
 
 
 def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
                  urls: list[str] | None = None, progress: bool = True) -> CifarArrays:
     """Load CIFAR-10 from an ImageFolder copy or torchvision's files, fetching them if allowed."""
-    from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
-
-    root = check_data_dir(data_dir, download)
+    root = check_data_dir(data_dir, download)  # past it: one of the layouts is there, or download is on
     if (root / "train").is_dir() or (root / "test").is_dir():
         return load_image_folder(root)
-    if (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_FILENAME).is_file() or download:
-        return _load_torchvision(root, download, urls, progress)
-    found = sorted(p.name for p in _visible(root))[:10]
-    raise DataError(
-        f"{str(root)!r} is not a CIFAR-10 folder: expected train/<class>/* and test/<class>/* "
-        f"(ImageFolder layout), torchvision's cifar-10-batches-py/ or {CIFAR10_FILENAME}, "
-        f"found {found or 'nothing'}"
-    )
+    return _load_torchvision(root, download, urls, progress)
 
 
 def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
@@ -79,10 +87,12 @@ def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
     """Read torchvision's CIFAR10 (its python pickles) into arrays, fetching them from mirrors first."""
     from torchvision.datasets import CIFAR10  # deferred: torchvision is slow to import
 
-    from .download import download_cifar10
+    from .download import CIFAR10_FOLDER, download_cifar10, extract_local_archive
 
-    if download or not (root / "cifar-10-batches-py").is_dir():
+    if download:
         download_cifar10(root, urls, progress=progress)  # the archive in root, a cache or mirrors
+    elif not (root / CIFAR10_FOLDER).is_dir():
+        extract_local_archive(root)  # without --download the network is never used
     try:
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)

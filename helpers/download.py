@@ -100,6 +100,22 @@ def download_cifar10(root: str | os.PathLike, urls: Sequence[str] | None = None,
     return root
 
 
+def extract_local_archive(root: str | os.PathLike, md5: str = CIFAR10_MD5) -> Path:
+    """Extract root's own archive after checking its md5: no network; a bad archive is kept, not removed."""
+    root = Path(root).expanduser()
+    if _extracted(root):
+        return root
+    archive = root / CIFAR10_FILENAME
+    found = _md5_of(archive)
+    if found != md5:
+        raise DownloadError(
+            f"{str(archive)!r} is not the CIFAR-10 archive (md5 {found}, expected {md5}); delete it "
+            "and pass --download to fetch a good copy, or point --data-dir at one"
+        )
+    extract_archive(archive, root)
+    return root
+
+
 def fetch_archive(
     root: str | os.PathLike,
     urls: Sequence[str] | None = None,
@@ -445,6 +461,6 @@ def _duration(seconds: float) -> str:
 
 __all__ = [
     "CIFAR10_FILENAME", "CIFAR10_FILES", "CIFAR10_FOLDER", "CIFAR10_MD5", "CIFAR10_MIRRORS",
-    "DownloadError", "DownloadReport", "download_cifar10", "extract_archive", "fetch_archive",
-    "mirror_urls",
+    "DownloadError", "DownloadReport", "download_cifar10", "extract_archive", "extract_local_archive",
+    "fetch_archive", "mirror_urls",
 ]

@@ -22,6 +22,10 @@ def rule(fraction: float) -> str:
     return f"{share}the LR at the minimum of the smoothed loss"
 
 
+class RangeTestError(RuntimeError):
+    """The sweep gave no LR to suggest; the one-line message says what to do instead."""
+
+
 @dataclass
 class LRRangeResult:
     """An LR sweep: the LRs tried, raw and smoothed losses, and the suggested max LR."""
@@ -95,7 +99,8 @@ def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float],
     """
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     if len(finite) < 2:
-        raise RuntimeError("the LR range test diverged at once; lower the recipe's lr_finder.start_lr")
+        raise RangeTestError("the LR range test diverged at once (no finite loss); pass max_lr (CLI: "
+                             "--max-lr) to set the peak yourself, or lower the recipe's lr_finder.start_lr")
     i_min = min(finite, key=lambda i: smoothed[i])
     log_lr = np.log10(np.asarray(lrs)[finite])
     slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)

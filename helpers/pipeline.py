@@ -158,7 +158,7 @@ class RunSettings:
             raise SettingsError("no data folder given; pass data_dir (or synthetic for a smoke run)")
         try:
             (self.out or "").format(recipe="s10")
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError):  # {x}, {0}, {, {recipe.x}
             raise SettingsError(f"out {self.out!r}: the only placeholder allowed is {{recipe}}") from None
 
     @property

@@ -75,7 +75,7 @@ class Recipe:
     epochs: int
     batch_size: int
     optimizer: Optimizer
-    lr: float  # plateau: the starting LR; One Cycle: used only when the range test is skipped
+    lr: float  # plateau: the starting LR; One Cycle: unused (OneCycleLR sets every step's LR)
     weight_decay: float
     scheduler: Literal["onecycle", "plateau"]
     augment: Augment
@@ -175,7 +175,7 @@ S9 = Recipe(
     epochs=30,
     batch_size=256,
     optimizer="sgd",
-    lr=0.1,  # unused by One Cycle; kept equal to the peak for readers
+    lr=0.1,  # unused: One Cycle sets every step's LR from max_lr below
     weight_decay=5e-4,
     scheduler="onecycle",
     # flip, shift-scale-rotate (as one Affine), one 16x16 hole of the mean, each half of the time

@@ -75,7 +75,7 @@ class Runtime:
         """bf16 + channels_last where the hardware runs bf16 natively; fp16 on older GPUs; else fp32."""
         device = torch.device(device)
         if not fast:
-            return cls(device)
+            return cls(device, compile=compile)  # plain is fp32 NCHW; compiling is separate
         if device.type == "cuda":
             # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
             # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.

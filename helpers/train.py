@@ -479,6 +479,12 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                      describe_setup(optimizer, scheduler, criterion, steps_per_epoch))
 
 
+def _anneal_strategy(scheduler: torch.optim.lr_scheduler.OneCycleLR) -> str:
+    """'cos' or 'linear', as the scheduler holds it (torch >= 2.2 by name, 2.1 as the bound method)."""
+    name = getattr(scheduler, "_anneal_func_type", None)
+    return name or scheduler.anneal_func.__name__.removeprefix("_annealing_")
+
+
 def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
                    steps_per_epoch: int) -> dict[str, str]:
     """What fit trained with, in words: the optimizer, the schedule's settings and the loss."""
@@ -492,7 +498,8 @@ def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Mo
                     f"{steps_per_epoch} per epoch): {group['initial_lr']:.3e} -> peak "
                     f"{group['max_lr']:.3e} at step {round(scheduler._schedule_phases[0]['end_step']) + 1} "
                     f"(end of epoch {(scheduler._schedule_phases[0]['end_step'] + 1) / steps_per_epoch:g}) "
-                    f"-> {group['min_lr']:.3e}, linear, {len(scheduler._schedule_phases)} phases")
+                    f"-> {group['min_lr']:.3e}, {_anneal_strategy(scheduler)}, "
+                    f"{len(scheduler._schedule_phases)} phases")
     else:
         schedule = (f"ReduceLROnPlateau on test accuracy, stepped every epoch: factor {scheduler.factor:g},"
                     f" patience {scheduler.patience}, threshold {scheduler.threshold:g} (abs), "

@@ -110,6 +110,15 @@ def test_bad_input_is_one_line_and_status_2_before_any_work(tmp_path, capsys):
     assert main(["--log", str(log), "record", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"error: no {tmp_path / 'nowhere' / 'metrics.json'}; ")
     assert not log.exists() and not (tmp_path / "r").exists()
+    # a bad seed after a good one: refused before seed 0 trains
+    assert main(["--log", str(log), "train", "--recipe", "s9", "--seeds", "0", "-1", "--no-progress",
+                 "--out", str(tmp_path / "r")] + TINY) == 2
+    assert capsys.readouterr().err == "error: seed must be in [0, 2**32), got -1\n"
+    assert not (tmp_path / "r").exists()
+    # a torn line in the log: one line naming it, not a traceback
+    log.write_text('{"kind": "training"}\n{"kind": "tra\n')
+    assert main(["--log", str(log), "report"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {log} line 2 is not a JSON record (")
 
 
 def test_a_stopped_seed_is_resumed_by_the_same_command_after_the_seeds_already_recorded(tmp_path, monkeypatch,

@@ -15,7 +15,7 @@ from helpers.__main__ import main
 from helpers.recipes import S8
 
 TINY = ["--synthetic", "--epochs", "1", "--batch-size", "32", "--train-subset", "64",
-        "--test-subset", "40", "--no-progress", "--workers", "0"]
+        "--test-subset", "40", "--no-progress", "--workers", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +158,27 @@ def test_tuning_overrides_reach_the_optimizer_and_the_loss_and_mark_the_run_not_
     (["--epochs", "0"], "epochs must be a positive integer, got 0"),
     (["--device", "cuda"], "device 'cuda' is not available on this machine"),
 ])
-def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, flags, message):
+def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the cuda case, also on a GPU machine
     out = tmp_path / "never"
     assert main(["train", "--recipe", "s10", "--synthetic", "--out", str(out)] + flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists(), "nothing was written"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--recipe", "s7"], "argument --recipe: invalid choice: 's7'"),
+    (["train", "--recipe", "s8", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["train", "--recipe", "s8", "--out", "runs/{recipe.name}"], "the only placeholder allowed is {recipe}"),
+])
+def test_flags_argparse_or_the_settings_refuse_are_one_line_too(capsys, argv, message):
+    try:
+        code = main(argv + ["--synthetic"])
+    except SystemExit as exit_:  # argparse's refusals end the process, with the same status
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("recipe, flags, message", [
@@ -258,12 +273,15 @@ def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, c
 @pytest.mark.parametrize("where, message", [
     ("data-file", "is a file; pass the folder that holds train/"),
     ("missing", "does not exist and download is off"),
+    ("not-cifar", r"is not a CIFAR-10 folder: expected train/<class>/\*.*found \['afile', 'layout'\]"),
     ("out-file", "output folder .* is a file"),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, capsys, where, message):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    data = {"data-file": afile, "missing": tmp_path / "nope"}.get(where, tmp_path)
+    (tmp_path / "layout" / "train").mkdir(parents=True)  # a layout is checked before the output folder
+    data = {"data-file": afile, "missing": tmp_path / "nope", "not-cifar": tmp_path}.get(
+        where, tmp_path / "layout")
     out = afile if where == "out-file" else tmp_path / "o"
     assert main(["train", "--recipe", "s10", "--data-dir", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err

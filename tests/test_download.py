@@ -30,6 +30,7 @@ from helpers.download import (
     DownloadError,
     download_cifar10,
     extract_archive,
+    extract_local_archive,
     fetch_archive,
     mirror_urls,
 )
@@ -270,6 +271,30 @@ def test_archive_with_right_md5_in_root_is_extracted_without_requests(tmp_path, 
     download_cifar10(tmp_path, [mirror.url("/good")], fake.md5, **FAST)
     assert mirror.requests == []
     assert (tmp_path / CIFAR10_FOLDER / "batches.meta").is_file()
+
+
+def test_without_download_a_bad_local_archive_is_kept_and_no_mirror_is_asked(tmp_path, mirror, monkeypatch):
+    from helpers.dataset import load_cifar10
+
+    truncated = b"an interrupted copy"
+    (tmp_path / CIFAR10_FILENAME).write_bytes(truncated)
+    monkeypatch.setenv("CIFAR10_URLS", mirror.url("/good"))
+    with pytest.raises(DownloadError, match="pass --download"):
+        load_cifar10(tmp_path, download=False)
+    assert mirror.requests == []
+    assert (tmp_path / CIFAR10_FILENAME).read_bytes() == truncated
+
+
+def test_a_good_local_archive_is_extracted_without_the_network(tmp_path, fake):
+    (tmp_path / CIFAR10_FILENAME).write_bytes(fake.data)
+    assert extract_local_archive(tmp_path, fake.md5) == tmp_path
+    assert (tmp_path / CIFAR10_FOLDER / "batches.meta").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / CIFAR10_FILENAME).write_bytes(fake.data[:10])
+    with pytest.raises(DownloadError, match="is not the CIFAR-10 archive"):
+        extract_local_archive(other, fake.md5)
+    assert not (other / CIFAR10_FOLDER).exists()
 
 
 def test_last_copy_may_be_slow_and_warns_once(tmp_path, fake, mirror, caplog):

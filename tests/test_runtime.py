@@ -26,6 +26,7 @@ def test_cpu_runtime_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, 
     assert runtime.amp_dtype == (torch.bfloat16 if native else None)
     assert runtime.channels_last == native and not runtime.scaler().is_enabled()
     assert Runtime.for_device("cpu", fast=False) == Runtime(torch.device("cpu"))
+    assert Runtime.for_device("cpu", fast=False, compile=True) == Runtime(torch.device("cpu"), compile=True)
 
 
 def test_bf16_cpu_runtime_runs_a_training_step_in_bf16(monkeypatch):

@@ -54,6 +54,16 @@ def test_one_cycle_peaks_at_the_end_of_epoch_5_of_24_without_annihilation():
     np.testing.assert_allclose(fall, fall[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("anneal", ["linear", "cos"])
+def test_the_setup_names_the_anneal_strategy_the_scheduler_uses(anneal):
+    recipe = S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal=anneal))
+    optimizer = train.build_optimizer(nn.Linear(2, 2), recipe)
+    scheduler = train.build_scheduler(optimizer, recipe, 10, 0.1)
+    setup = train.describe_setup(optimizer, scheduler, train.build_criterion(recipe), 10)
+    end_lr = 0.1 / recipe.onecycle.div_factor / recipe.onecycle.final_div_factor
+    assert f"-> {end_lr:.3e}, {anneal}, 2 phases" in setup["schedule"]
+
+
 def test_the_cosine_one_cycle_keeps_start_peak_and_end_and_is_half_way_at_mid_phase():
     lrs = one_cycle_lrs(recipe=S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal="cos")))
     linear = one_cycle_lrs()

@@ -27,7 +27,7 @@ for key, value in {
     "CIFAR_IMAGES_DIR": os.path.join(_SMOKE_DIR, "images"),
     "CIFAR_DOWNLOAD": "0",
     "CIFAR_PROGRESS": "0",
-    "CIFAR_DEVICE": "cpu",  # the suite is the CPU suite, on a GPU machine too
+    "CIFAR_DEVICE": "cpu",  # the notebooks' smoke runs stay on the CPU, on a GPU machine too
 }.items():
     os.environ.setdefault(key, value)
 if "CIFAR_DATA_DIR" not in os.environ:  # no real images given: synthetic ones

@@ -13,11 +13,13 @@ versions, data copy, history, accuracy, times, images/s); results.md is generate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,31 @@ def append_record(record: dict[str, Any], log: Path = LOG) -> None:
 
     A training already in the log is refused: a finished run recorded again would count twice.
     """
-    if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
-        raise SettingsError(f"this {record['recipe']} training (first started "
-                            f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
-    kept = log.read_text() if log.exists() else ""
-    line = json.dumps(record, allow_nan=False) + "\n"
-    # The whole log rewritten and renamed, not appended to: a killed write never leaves a torn line.
-    atomic_write(log, lambda tmp: Path(tmp).write_text(kept + line))
-    write_report(log, log.with_name(REPORT.name))
+    with _log_lock(log):  # two recorders at once would each rewrite the log without the other's line
+        if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
+            raise SettingsError(f"this {record['recipe']} training (first started "
+                                f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
+        kept = log.read_text() if log.exists() else ""
+        if kept and not kept.endswith("\n"):
+            kept += "\n"  # a hand-edited last line keeps its own line
+        line = json.dumps(record, allow_nan=False) + "\n"
+        # The whole log rewritten and renamed, not appended to: a killed write never leaves a torn line.
+        atomic_write(log, lambda tmp: Path(tmp).write_text(kept + line))
+        write_report(log, log.with_name(REPORT.name))
+
+
+@contextlib.contextmanager
+def _log_lock(log: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a file beside the log (.NAME.lock) while the log is read and rewritten."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: nothing is locked
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log.with_name(f".{log.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for the other recorder; released on close or death
+        yield
 
 
 def read_records(log: Path = LOG) -> list[dict[str, Any]]:

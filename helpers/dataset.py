@@ -53,7 +53,9 @@ def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
             "(CLI: --download) or point data_dir at an ImageFolder copy with train/ and test/ "
             "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
         )
-    if root.is_dir() and not download and not _holds_cifar10(root):
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        _check_splits(root)  # half an ImageFolder copy is refused here, before any run folder exists
+    elif root.is_dir() and not download and not _holds_cifar10(root):
         from .download import CIFAR10_FILENAME
 
         found = sorted(p.name for p in _visible(root))[:10]
@@ -66,11 +68,21 @@ def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
 
 
 def _holds_cifar10(root: Path) -> bool:
-    """Whether root has one of the layouts load_cifar10 reads (their contents are checked on loading)."""
+    """Whether root holds torchvision's folder or archive (their contents are checked on loading)."""
     from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
 
-    return ((root / "train").is_dir() or (root / "test").is_dir() or (root / CIFAR10_FOLDER).is_dir()
-            or (root / CIFAR10_FILENAME).is_file())
+    return (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_FILENAME).is_file()
+
+
+def _check_splits(root: Path) -> None:
+    """A one-line DataError unless root has both train/ and test/ (the ImageFolder layout)."""
+    missing = [split for split in ("train", "test") if not (root / split).is_dir()]
+    if missing:
+        found = sorted(p.name for p in _visible(root))
+        raise DataError(
+            f"{str(root)!r}: expected folders train/ and test/ (ImageFolder layout), "
+            f"found {found}; missing {', '.join(s + '/' for s in missing)}"
+        )
 
 
 def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
@@ -87,12 +99,12 @@ def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
     """Read torchvision's CIFAR10 (its python pickles) into arrays, fetching them from mirrors first."""
     from torchvision.datasets import CIFAR10  # deferred: torchvision is slow to import
 
-    from .download import CIFAR10_FOLDER, download_cifar10, extract_local_archive
+    from .download import CIFAR10_FILENAME, download_cifar10, extract_local_archive
 
     if download:
         download_cifar10(root, urls, progress=progress)  # the archive in root, a cache or mirrors
-    elif not (root / CIFAR10_FOLDER).is_dir():
-        extract_local_archive(root)  # without --download the network is never used
+    elif (root / CIFAR10_FILENAME).is_file():
+        extract_local_archive(root)  # returns at once when extracted; without --download, no network
     try:
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
@@ -108,13 +120,7 @@ def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
 def load_image_folder(root: str | os.PathLike) -> CifarArrays:
     """Read an ImageFolder tree (train/<class>/*, test/<class>/*) into uint8 arrays."""
     root = Path(root)
-    missing = [split for split in ("train", "test") if not (root / split).is_dir()]
-    if missing:
-        found = sorted(p.name for p in _visible(root))
-        raise DataError(
-            f"{str(root)!r}: expected folders train/ and test/ (ImageFolder layout), "
-            f"found {found}; missing {', '.join(s + '/' for s in missing)}"
-        )
+    _check_splits(root)
     splits = {split: _read_split(root / split) for split in ("train", "test")}
     classes = splits["train"][2]
     if splits["test"][2] != classes:

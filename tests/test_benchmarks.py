@@ -3,11 +3,12 @@ report is generated from the log."""
 
 import json
 import signal
+import threading
 
 import pytest
 
 from benchmarks import run
-from benchmarks.run import _short_commit, main, read_records, repo_relative
+from benchmarks.run import _log_lock, _short_commit, append_record, main, read_records, repo_relative
 from helpers import train
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
@@ -60,6 +61,19 @@ def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_pa
     assert measured["kind"] == "throughput" and measured["limit"] in ("model", "loader")
     assert measured["model"]["train_images_per_second"] > 0 and measured["loader"]["images"] > 0
     assert "| s9 |" in (tmp_path / "results.md").read_text().split("## Where the time goes")[1]
+
+
+def test_a_recorder_waits_for_the_one_holding_the_log_and_keeps_every_line(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    log.write_text('{"kind": "note", "n": 0}')  # hand-edited: no newline after the last line
+    record = {"kind": "note", "n": 1}
+    with _log_lock(log):  # another recorder, between reading the log and renaming its copy over it
+        writer = threading.Thread(target=append_record, args=(record, log))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and read_records(log) == [{"kind": "note", "n": 0}]
+    writer.join(10)
+    assert read_records(log) == [{"kind": "note", "n": 0}, record]
 
 
 def test_records_name_paths_inside_the_checkout_relative_to_it(tmp_path):

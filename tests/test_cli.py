@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from helpers import pipeline, train
+from helpers import lr_finder, pipeline, train
 from helpers.__main__ import main
 from helpers.recipes import S8
 
@@ -167,6 +167,19 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys,
     assert not out.exists(), "nothing was written"
 
 
+def test_a_range_test_without_a_suggestion_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    real_suggest = lr_finder.suggest_lr
+
+    def diverged(lrs, smoothed, raw, fraction=0.1):
+        return real_suggest(lrs, [float("nan")] * len(lrs), raw, fraction)  # every loss non-finite
+
+    monkeypatch.setattr(lr_finder, "suggest_lr", diverged)
+    args = ["train", "--recipe", "s10", "--lr-finder-iters", "5", "--out", str(tmp_path / "o")]
+    assert main(args + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the LR range test diverged at once") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--recipe", "s7"], "argument --recipe: invalid choice: 's7'"),
     (["train", "--recipe", "s8", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
@@ -273,15 +286,18 @@ def test_another_optimizer_needs_its_own_lr_and_reaches_the_training(tmp_path, c
 @pytest.mark.parametrize("where, message", [
     ("data-file", "is a file; pass the folder that holds train/"),
     ("missing", "does not exist and download is off"),
-    ("not-cifar", r"is not a CIFAR-10 folder: expected train/<class>/\*.*found \['afile', 'layout'\]"),
+    ("not-cifar", r"not a CIFAR-10 folder: expected train/<class>/\*.*found \['afile', 'half', 'layout'\]"),
+    ("half-copy", r"expected folders train/ and test/ .*found \['train'\]; missing test/"),
     ("out-file", "output folder .* is a file"),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, capsys, where, message):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    (tmp_path / "layout" / "train").mkdir(parents=True)  # a layout is checked before the output folder
-    data = {"data-file": afile, "missing": tmp_path / "nope", "not-cifar": tmp_path}.get(
-        where, tmp_path / "layout")
+    for split in ("train", "test"):  # a layout is checked before the output folder
+        (tmp_path / "layout" / split).mkdir(parents=True)
+    (tmp_path / "half" / "train").mkdir(parents=True)
+    data = {"data-file": afile, "missing": tmp_path / "nope", "not-cifar": tmp_path,
+            "half-copy": tmp_path / "half"}.get(where, tmp_path / "layout")
     out = afile if where == "out-file" else tmp_path / "o"
     assert main(["train", "--recipe", "s10", "--data-dir", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -289,6 +289,9 @@ def test_a_good_local_archive_is_extracted_without_the_network(tmp_path, fake):
     (tmp_path / CIFAR10_FILENAME).write_bytes(fake.data)
     assert extract_local_archive(tmp_path, fake.md5) == tmp_path
     assert (tmp_path / CIFAR10_FOLDER / "batches.meta").is_file()
+    (tmp_path / CIFAR10_FOLDER / "data_batch_3").unlink()  # a half-deleted copy is repaired from it
+    extract_local_archive(tmp_path, fake.md5)
+    assert (tmp_path / CIFAR10_FOLDER / "data_batch_3").is_file()
     other = tmp_path / "other"
     other.mkdir()
     (other / CIFAR10_FILENAME).write_bytes(fake.data[:10])

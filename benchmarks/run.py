@@ -47,10 +47,10 @@ def append_record(record: dict[str, Any], log: Path = LOG) -> None:
     A training already in the log is refused: a finished run recorded again would count twice.
     """
     with _log_lock(log):  # two recorders at once would each rewrite the log without the other's line
-        if record["kind"] == "training" and any(same_run(record, r) for r in read_records(log)):
+        kept = log.read_text() if log.exists() else ""  # read once: checked, then rewritten with the new line
+        if record["kind"] == "training" and any(same_run(record, r) for r in _parse_records(kept, log)):
             raise SettingsError(f"this {record['recipe']} training (first started "
                                 f"{record['sessions'][0]['time_utc']}) is already in {log}; nothing recorded")
-        kept = log.read_text() if log.exists() else ""
         if kept and not kept.endswith("\n"):
             kept += "\n"  # a hand-edited last line keeps its own line
         line = json.dumps(record, allow_nan=False) + "\n"
@@ -75,10 +75,13 @@ def _log_lock(log: Path) -> Iterator[None]:
 
 def read_records(log: Path = LOG) -> list[dict[str, Any]]:
     """Every record of the results log, oldest first; a line that is not JSON is a one-line SettingsError."""
-    if not log.exists():
-        return []
+    return _parse_records(log.read_text(), log) if log.exists() else []
+
+
+def _parse_records(text: str, log: Path) -> list[dict[str, Any]]:
+    """The records in the log's text, naming the first line that is not JSON."""
     records = []
-    for number, line in enumerate(log.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

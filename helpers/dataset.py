@@ -53,7 +53,7 @@ def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
             "(CLI: --download) or point data_dir at an ImageFolder copy with train/ and test/ "
             "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
         )
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    if _is_image_folder(root):
         _check_splits(root)  # half an ImageFolder copy is refused here, before any run folder exists
     elif root.is_dir() and not download and not _holds_cifar10(root):
         from .download import CIFAR10_FILENAME
@@ -65,6 +65,11 @@ def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
             f"found {found or 'nothing'}"
         )
     return root
+
+
+def _is_image_folder(root: Path) -> bool:
+    """Whether root is (at least half of) an ImageFolder copy: train/ or test/ is there."""
+    return (root / "train").is_dir() or (root / "test").is_dir()
 
 
 def _holds_cifar10(root: Path) -> bool:
@@ -89,7 +94,7 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
                  urls: list[str] | None = None, progress: bool = True) -> CifarArrays:
     """Load CIFAR-10 from an ImageFolder copy or torchvision's files, fetching them if allowed."""
     root = check_data_dir(data_dir, download)  # past it: one of the layouts is there, or download is on
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    if _is_image_folder(root):
         return load_image_folder(root)
     return _load_torchvision(root, download, urls, progress)
 

@@ -136,16 +136,21 @@ def _interrupted_message(out: str | os.PathLike | None, resume: bool) -> str:
 
 def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.PathLike | None], resume: bool,
                 debug: bool) -> int:
-    """Run `work`: an expected failure is one line on stderr and status 2; a stop is 128 + signal."""
+    """Run `work`: an expected failure is one line on stderr and status 2; a stop is 128 + signal.
+
+    Either way a run folder that got nothing but its lock is removed, not left empty behind.
+    """
     from .dataset import DataError
     from .download import DownloadError
     from .lr_finder import RangeTestError
-    from .pipeline import SettingsError
+    from .pipeline import SettingsError, release_unused_run_folder
     from .runtime import DeviceError
     from .train import CheckpointError
 
+    finished = False
     try:
         work()
+        finished = True
     except KeyboardInterrupt as stop:
         if debug:
             traceback.print_exc()
@@ -160,6 +165,9 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
             text = f"{err.strerror or err}: {err.filename!r}" if err.filename else str(err)
         print(f"error: {text}", file=sys.stderr)
         return 2
+    finally:
+        if not finished and current_out() is not None:
+            release_unused_run_folder(current_out())
     return 0
 
 

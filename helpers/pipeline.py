@@ -363,6 +363,7 @@ def _check_writable(out: Path) -> None:
 
 
 _LOCKED_FOLDERS: dict[Path, int] = {}  # folder -> open descriptor holding its lock
+_CREATED_FOLDERS: set[Path] = set()  # locked folders that did not exist before this process locked them
 
 
 def lock_run_folder(out: Path) -> None:
@@ -379,6 +380,7 @@ def lock_run_folder(out: Path) -> None:
     key = out.resolve()
     if key in _LOCKED_FOLDERS:
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -391,6 +393,27 @@ def lock_run_folder(out: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _LOCKED_FOLDERS[key] = fd
+    if created:
+        _CREATED_FOLDERS.add(key)
+
+
+def release_unused_run_folder(out: str | os.PathLike) -> bool:
+    """Unlock a run folder that holds nothing but its lock, and remove it if this process made it.
+
+    Called when a run fails before writing anything (data missing, download refused), so that a
+    failed command leaves no empty folder behind. A folder with any other file is left as it is.
+    """
+    key = Path(out).resolve()
+    fd = _LOCKED_FOLDERS.get(key)
+    if fd is None or not key.is_dir() or [p.name for p in key.iterdir()] != [".lock"]:
+        return False
+    (key / ".lock").unlink()  # while still locked: no other run can have taken this folder meanwhile
+    os.close(fd)
+    del _LOCKED_FOLDERS[key]
+    if key in _CREATED_FOLDERS:
+        _CREATED_FOLDERS.discard(key)
+        key.rmdir()
+    return True
 
 
 def load_run_data(run: Run) -> tuple[CifarArrays, DataSummary]:
@@ -677,7 +700,6 @@ def run_recipe(settings: RunSettings) -> dict[str, Any]:
 __all__ = [
     "Analysis", "CheckpointError", "MaxLR", "Run", "RunSettings", "SettingsError", "analyse",
     "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run",
-    "format_epoch",
-    "load_run_data", "resolve_max_lr", "result_figures", "run_record", "run_recipe",
-    "save_json", "start_run", "train_run",
+    "format_epoch", "load_run_data", "lock_run_folder", "release_unused_run_folder", "resolve_max_lr",
+    "result_figures", "run_record", "run_recipe", "save_json", "start_run", "train_run",
 ]

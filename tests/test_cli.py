@@ -343,6 +343,7 @@ def test_download_without_any_reachable_copy_is_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "HTTP 404" in err and "--data-dir" in err
     assert not any((tmp_path / "data").glob("*.tar.gz*"))
+    assert not (tmp_path / "o").exists(), "the failed run left its empty run folder behind"
 
 
 def test_plateau_patience_and_cutout_p_reach_the_scheduler_and_the_augmentation(tmp_path, capsys):

@@ -87,6 +87,21 @@ def test_a_run_folder_holds_one_process_at_a_time_and_a_killed_holder_frees_it(t
     start_run(settings)  # and this process may start again (a notebook executed twice)
 
 
+def test_a_run_folder_left_holding_only_its_lock_is_released_and_removed_if_the_run_made_it(tmp_path):
+    made, existing, used = tmp_path / "made", tmp_path / "existing", tmp_path / "used"
+    existing.mkdir()
+    for out in (made, existing, used):
+        pipeline.lock_run_folder(out)
+    (used / "last.pt").write_bytes(b"a checkpoint")
+    assert pipeline.release_unused_run_folder(made) and not made.exists()
+    assert pipeline.release_unused_run_folder(existing) and os.listdir(existing) == []
+    assert not pipeline.release_unused_run_folder(used)  # it holds a run's file: kept, still locked
+    assert sorted(os.listdir(used)) == [".lock", "last.pt"]
+    assert not pipeline.release_unused_run_folder(tmp_path / "never-locked")
+    pipeline.lock_run_folder(made)  # released for real: the folder can be taken again
+    assert os.listdir(made) == [".lock"]
+
+
 def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it(tmp_path, monkeypatch):
     settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=32, train_subset=64,
                            test_subset=40, lr_finder_iters=5, out=str(tmp_path / "s10"), progress=False)

@@ -166,8 +166,9 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
         print(f"error: {text}", file=sys.stderr)
         return 2
     finally:
-        if not finished and current_out() is not None:
-            release_unused_run_folder(current_out())
+        out = None if finished else current_out()
+        if out is not None:
+            release_unused_run_folder(out)
     return 0
 
 

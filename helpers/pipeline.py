@@ -362,8 +362,8 @@ def _check_writable(out: Path) -> None:
                             f"{err.strerror or err}; pass a writable folder (--out)") from None
 
 
-_LOCKED_FOLDERS: dict[Path, int] = {}  # folder -> open descriptor holding its lock
-_CREATED_FOLDERS: set[Path] = set()  # locked folders that did not exist before this process locked them
+# folder -> (open descriptor holding its lock, whether this process created the folder)
+_LOCKED_FOLDERS: dict[Path, tuple[int, bool]] = {}
 
 
 def lock_run_folder(out: Path) -> None:
@@ -392,9 +392,7 @@ def lock_run_folder(out: Path) -> None:
                             "wait for it to finish, stop it, or pass another folder (--out)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _LOCKED_FOLDERS[key] = fd
-    if created:
-        _CREATED_FOLDERS.add(key)
+    _LOCKED_FOLDERS[key] = (fd, created)
 
 
 def release_unused_run_folder(out: str | os.PathLike) -> bool:
@@ -404,14 +402,12 @@ def release_unused_run_folder(out: str | os.PathLike) -> bool:
     failed command leaves no empty folder behind. A folder with any other file is left as it is.
     """
     key = Path(out).resolve()
-    fd = _LOCKED_FOLDERS.get(key)
-    if fd is None or not key.is_dir() or [p.name for p in key.iterdir()] != [".lock"]:
+    if key not in _LOCKED_FOLDERS or not key.is_dir() or [p.name for p in key.iterdir()] != [".lock"]:
         return False
     (key / ".lock").unlink()  # while still locked: no other run can have taken this folder meanwhile
+    fd, created = _LOCKED_FOLDERS.pop(key)
     os.close(fd)
-    del _LOCKED_FOLDERS[key]
-    if key in _CREATED_FOLDERS:
-        _CREATED_FOLDERS.discard(key)
+    if created:
         key.rmdir()
     return True
 

@@ -362,8 +362,8 @@ def _check_writable(out: Path) -> None:
                             f"{err.strerror or err}; pass a writable folder (--out)") from None
 
 
-# folder -> (open descriptor holding its lock, whether this process created the folder)
-_LOCKED_FOLDERS: dict[Path, tuple[int, bool]] = {}
+# folder -> (open descriptor holding its lock, the folders this process created for it, deepest first)
+_LOCKED_FOLDERS: dict[Path, tuple[int, tuple[Path, ...]]] = {}
 
 
 def lock_run_folder(out: Path) -> None:
@@ -380,7 +380,7 @@ def lock_run_folder(out: Path) -> None:
     key = out.resolve()
     if key in _LOCKED_FOLDERS:
         return
-    created = not out.exists()
+    created = tuple(p for p in (key, *key.parents) if not p.exists())
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -396,7 +396,7 @@ def lock_run_folder(out: Path) -> None:
 
 
 def release_unused_run_folder(out: str | os.PathLike) -> bool:
-    """Unlock a run folder that holds nothing but its lock, and remove it if this process made it.
+    """Unlock a run folder that holds nothing but its lock, and remove what of it this process made.
 
     Called when a run fails before writing anything (data missing, download refused), so that a
     failed command leaves no empty folder behind. A folder with any other file is left as it is.
@@ -407,8 +407,11 @@ def release_unused_run_folder(out: str | os.PathLike) -> bool:
     (key / ".lock").unlink()  # while still locked: no other run can have taken this folder meanwhile
     fd, created = _LOCKED_FOLDERS.pop(key)
     os.close(fd)
-    if created:
-        key.rmdir()
+    try:
+        for folder in created:  # the run folder, then parents such as runs/ made for it
+            folder.rmdir()
+    except OSError:  # a parent another run or the user has filled since: it stays
+        pass
     return True
 
 

@@ -88,12 +88,12 @@ def test_a_run_folder_holds_one_process_at_a_time_and_a_killed_holder_frees_it(t
 
 
 def test_a_run_folder_left_holding_only_its_lock_is_released_and_removed_if_the_run_made_it(tmp_path):
-    made, existing, used = tmp_path / "made", tmp_path / "existing", tmp_path / "used"
+    made, existing, used = tmp_path / "runs" / "made", tmp_path / "existing", tmp_path / "used"
     existing.mkdir()
     for out in (made, existing, used):
         pipeline.lock_run_folder(out)
     (used / "last.pt").write_bytes(b"a checkpoint")
-    assert pipeline.release_unused_run_folder(made) and not made.exists()
+    assert pipeline.release_unused_run_folder(made) and not (tmp_path / "runs").exists()
     assert pipeline.release_unused_run_folder(existing) and os.listdir(existing) == []
     assert not pipeline.release_unused_run_folder(used)  # it holds a run's file: kept, still locked
     assert sorted(os.listdir(used)) == [".lock", "last.pt"]

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run train --recipe s9 --data-dir DIR --seeds 0 1 2   # full runs, one record each
     python -m benchmarks.run record runs/s10                                  # a finished CLI run's metrics
-    python -m benchmarks.run throughput --recipe s10 --data-dir DIR [--plain]   # model- vs loader-bound
+    python -m benchmarks.run throughput --recipe s10 --data-dir DIR [--plain | --side-by-side]
     python -m benchmarks.run report                                           # rewrite results.md
     python -m benchmarks.run notebook S10_Assignment.ipynb --data-dir DIR     # execute it on its run
 
@@ -127,7 +127,7 @@ def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
                     epochs=args.epochs, train_subset=args.train_subset,
                     test_subset=args.test_subset, seed=seed, **tuning_overrides(args),
                     out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
-                    compile=args.compile, progress=not args.no_progress)
+                    compile=args.compile, device=args.device, progress=not args.no_progress)
         for seed in args.seeds
     ]
     for settings in all_settings:
@@ -159,22 +159,33 @@ def same_run(metrics: dict[str, Any], record: dict[str, Any]) -> bool:
 
 
 def measure_throughput(args: argparse.Namespace) -> None:
-    """Model-bound and loader-bound images/s of a recipe on this machine, as one record."""
+    """Loader-bound and model-bound images/s of a recipe on this machine, one record per runtime.
+
+    With --side-by-side the model is measured in each of `throughput.side_by_side` runtimes, in one
+    process on one idle device: the only comparison of runtimes worth reporting.
+    """
     settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
                            out=str(Path(args.out) / f"throughput-{args.recipe}"), plain=args.plain,
-                           compile=args.compile, resume=False, progress=False)
+                           compile=args.compile, device=args.device, resume=False, progress=False)
     run = start_run(settings)
     data, summary = load_run_data(run)
     train_loader, _ = build_run_loaders(run, data, summary)
-    model = throughput.model_throughput(run.recipe, run.runtime, args.batches, args.warmup)
     loader = throughput.loader_throughput(train_loader, args.batches)
-    append_record({"kind": "throughput", "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "command": _command(), "note": args.note, "recipe": run.recipe.name,
-                   "batch_size": run.recipe.batch_size, "plain": args.plain, "model": model,
-                   "loader": loader | {"workers": train_loader.num_workers},
-                   "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
-                   else "loader", "data": {"source": data.source}, "runtime": run.runtime.as_dict(),
-                   "metadata": run_metadata(run.runtime)}, args.log)
+    runtimes = throughput.side_by_side(run.runtime) if args.side_by_side else [run.runtime]
+    for runtime in runtimes:
+        model = throughput.model_throughput(run.recipe, runtime, args.batches, args.warmup)
+        print(f"{run.recipe.name}, {runtime.describe()}: train {model['train_images_per_second']:,.0f} "
+              f"img/s, eval {model['eval_images_per_second']:,.0f} img/s (model-bound); loader "
+              f"{loader['images_per_second']:,.0f} img/s", flush=True)
+        append_record({"kind": "throughput", "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime()),
+                       "command": _command(), "note": args.note, "recipe": run.recipe.name,
+                       "batch_size": run.recipe.batch_size,
+                       "plain": runtime.amp_dtype is None and not runtime.channels_last,
+                       "model": model, "loader": loader | {"workers": train_loader.num_workers},
+                       "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
+                       else "loader", "data": {"source": data.source}, "runtime": runtime.as_dict(),
+                       "metadata": run_metadata(runtime)}, args.log)
 
 
 def _short_commit(commit: str | None) -> str:
@@ -270,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--synthetic", action="store_true")
         q.add_argument("--plain", action="store_true", help="fp32, NCHW, no loader workers")
         q.add_argument("--compile", action="store_true", help="torch.compile the model")
+        q.add_argument("--device", help="cuda, mps or cpu (default: best available)")
         q.add_argument("--out", default="runs/bench", help="folder for the runs' own files")
         q.add_argument("--note", help="a sentence stored with the record")
     t = sub.choices["train"]
@@ -280,6 +292,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)
+    sub.choices["throughput"].add_argument(
+        "--side-by-side", action="store_true",
+        help="measure the model in the fast runtime, the same without channels_last, and plain fp32")
     r = sub.add_parser("record")
     r.add_argument("run_dir")
     r.add_argument("--note")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,14 @@ def _synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer read afterwards covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def side_by_side(fast: Runtime) -> list[Runtime]:
+    """The runtimes worth comparing on one device: the fast one (autocast + channels_last where
+    the hardware has them), the same in NCHW (a norm layer may hand back NCHW and force a
+    conversion per layer), and plain fp32 NCHW; each once."""
+    candidates = [fast, replace(fast, channels_last=False), Runtime(fast.device, compile=fast.compile)]
+    return [r for i, r in enumerate(candidates) if r not in candidates[:i]]
 
 
 def random_batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

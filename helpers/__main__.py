@@ -140,6 +140,8 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
 
     Either way a run folder that got nothing but its lock is removed, not left empty behind.
     """
+    import torch
+
     from .dataset import DataError
     from .download import DownloadError
     from .lr_finder import RangeTestError
@@ -157,12 +159,16 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
         print(f"\n{_interrupted_message(current_out(), resume)}", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
     except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, RangeTestError,
-            OSError) as err:
+            OSError, torch.cuda.OutOfMemoryError) as err:
         if debug:
             traceback.print_exc()
         text = str(err).replace("\n", " ")
         if isinstance(err, OSError) and not isinstance(err, DataError):
             text = f"{err.strerror or err}: {err.filename!r}" if err.filename else str(err)
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            text = (f"the GPU ran out of memory ({str(err).splitlines()[0]}); close what else uses it "
+                    "(another notebook or process) and run the same command to resume from the last "
+                    "save, or start over in another folder with a smaller --batch-size")
         print(f"error: {text}", file=sys.stderr)
         return 2
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,7 +354,7 @@ class CifarDataset(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self._fingerprint: str | None = None
-        # In shared memory: persistent workers (CUDA loaders) hold their own copy of the
+        # In shared memory: persistent workers hold their own copy of the
         # dataset, and a plain attribute set in the main process would never reach them.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -406,11 +407,11 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size - self.start
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in each worker from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGINT: Ctrl-C (or a notebook's stop) reaches the whole process group,
+    and a worker it killed would take the loader down before training could save and stop.
+    Workers need no seeding: CifarDataset seeds every image's augmentations itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_num_workers(device: torch.device | str) -> int:
@@ -441,8 +442,8 @@ def make_loader(
     on_cuda = torch.device(device).type == "cuda"
     workers = default_num_workers(device) if num_workers is None else num_workers
     options = {}
-    if fast and workers > 0:
-        options = {"persistent_workers": on_cuda, "prefetch_factor": 4 if on_cuda else 2}
+    if fast and workers > 0:  # workers kept between epochs: no restart cost per epoch
+        options = {"persistent_workers": True, "prefetch_factor": 4 if on_cuda else 2}
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -450,7 +451,7 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         pin_memory=fast and on_cuda,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_leave_ctrl_c_to_the_main_process,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
         **options,

@@ -432,8 +432,7 @@ def _cache_folder(cache_dir: str | os.PathLike | None) -> Path | None:
 def _store_in_cache(archive: Path, cache: Path, md5: str) -> None:
     """Keep a verified copy for next time; a cache that cannot be written only costs a warning."""
     try:
-        # No parents=True: creating /content/drive/... on an unmounted Drive would block the mount.
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         if (cache / archive.name).is_file() and (cache / archive.name).samefile(archive):
             return
         _copy_verified(archive, cache / archive.name, md5)

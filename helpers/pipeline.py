@@ -390,6 +390,9 @@ def lock_run_folder(out: Path) -> None:
         os.close(fd)
         raise SettingsError(f"output folder {str(out)!r} is in use by another run (pid {holder}); "
                             "wait for it to finish, stop it, or pass another folder (--out)") from None
+    except OSError as err:  # a filesystem without locks (Google Drive's mount in Colab): run unlocked
+        print(f"warning: cannot lock {out}/ ({err.strerror or err}); the run goes on, but nothing "
+              "stops a second run from writing into the same folder", file=sys.stderr)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _LOCKED_FOLDERS[key] = (fd, created)
@@ -555,7 +558,9 @@ def analyse(model: nn.Module, test_loader: DataLoader, recipe: Recipe, runtime: 
     predictions = predict(model, test_loader, runtime, progress)
     indices = select_misclassified(predictions, recipe.num_misclassified)
     explain = {"channels_last": runtime.channels_last}
-    cams = explain_items(model, recipe.gradcam_layer, test_loader.dataset, indices, **explain)
+    # The classes the figures name: GradCAM runs in fp32, whose argmax can differ on a near-tie.
+    predicted = torch.as_tensor(predictions.preds[indices])
+    cams = explain_items(model, recipe.gradcam_layer, test_loader.dataset, indices, predicted, **explain)
     targets = torch.as_tensor(predictions.labels[indices])
     cams_true = explain_items(model, recipe.gradcam_layer, test_loader.dataset, indices, targets, **explain)
     return Analysis(predictions, indices, cams, cams_true)

@@ -7,8 +7,10 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,24 @@ def available_devices() -> list[str]:
     return found + ["cpu"]
 
 
+def in_colab() -> bool:
+    """True inside a Google Colab runtime (its notebook kernel, or a command run from it)."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """The named device if this machine has it, else the best available (CUDA, MPS, CPU)."""
+    """The named device if this machine has it, else the best available (CUDA, MPS, CPU).
+
+    Colab without a GPU is refused unless the CPU is named: its CPUs take hours for what a T4
+    trains in minutes, and a runtime opened without a GPU is almost always a missed setting.
+    """
     if not name:
-        return torch.device(available_devices()[0])
+        best = available_devices()[0]
+        if best == "cpu" and in_colab():
+            raise DeviceError("this Colab runtime has no GPU: choose Runtime > Change runtime type > "
+                              "T4 GPU, then Run all again (to train on its CPUs anyway, for hours, "
+                              "set CIFAR_DEVICE=cpu, or pass --device cpu)")
+        return torch.device(best)
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -100,6 +116,10 @@ class Runtime:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device in this runtime's memory layout."""
+        if self.device.type == "cuda":
+            # cuDNN times its convolution algorithms once per input shape and keeps the fastest;
+            # a run has four shapes (train and test, full and last batch), so this pays at once.
+            torch.backends.cudnn.benchmark = True
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
@@ -111,14 +131,21 @@ class Runtime:
         """
         return torch.compile(model, dynamic=False) if self.compile else model
 
-    def autocast(self):
-        """Autocast context for the forward pass (a no-op in fp32)."""
-        dtype = self.amp_dtype or torch.float32
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+    def autocast(self) -> AbstractContextManager:
+        """Autocast context for the forward pass; in fp32 no autocast at all (torch < 2.5 refuses
+        even a disabled one on MPS)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def scales_loss(self) -> bool:
+        """Whether training scales the loss: fp16 only, whose gradients underflow (bf16 has fp32's range)."""
+        return self.amp_dtype == torch.float16
 
     def scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 only (bf16 has fp32's range); its inf check syncs once a step."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        """The loss scaler, enabled only when `scales_loss`; its inf check syncs once a step."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.scales_loss)
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-blocking copy of a batch, in this runtime's memory layout."""
@@ -154,13 +181,38 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return name
 
 
+def device_name(device: torch.device) -> str:
+    """The device in words: a GPU's name, memory and compute capability; a CPU's model."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{props.name} ({props.total_memory / 2**30:.1f} GiB, "
+                f"compute capability {props.major}.{props.minor})")
+    return cpu_model() if device.type == "cpu" else str(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory this process has held: on a GPU its tensors, on a CPU its resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
-    """The checked-out commit of the repository holding this package (None outside a checkout)."""
+    """The checked-out commit of the repository holding this package (None outside a checkout).
+
+    "+dirty" marks changed tracked files, except the figures in images/ that a notebook writes.
+    """
     folder = folder or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
                              text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)images"], cwd=folder,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -176,7 +228,7 @@ def run_metadata(runtime: Runtime) -> dict[str, Any]:
     meta = {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": str(device),
-        "device_name": cpu_model() if device.type == "cpu" else str(device),
+        "device_name": device_name(device),
         "cpu": cpu_model(),
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -190,8 +242,7 @@ def run_metadata(runtime: Runtime) -> dict[str, Any]:
         "numpy": np.__version__,
     }
     if device.type == "cuda":
-        meta.update(device_name=torch.cuda.get_device_name(device),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        meta.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return meta
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .dataset import EpochShuffleSampler
 from .recipes import OPTIMIZERS, Recipe
-from .runtime import FP32_CPU, Runtime, atomic_write, cpu_model
+from .runtime import FP32_CPU, Runtime, atomic_write, device_name, peak_memory_gib
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -99,12 +99,18 @@ def is_per_batch(scheduler) -> bool:
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler) -> None:
-    """Backward and update through the loss scaler (a pass-through when it is disabled)."""
+                   scaler: torch.amp.GradScaler) -> bool:
+    """Backward and update through the loss scaler (a pass-through when it is disabled).
+
+    Returns False when the scaler skipped the update: fp16 gradients with an inf or NaN, which
+    it answers by halving its scale (the first few steps of a run usually do).
+    """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scale = scaler.get_scale()
     scaler.step(optimizer)
     scaler.update()
+    return scaler.get_scale() >= scale
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
@@ -140,9 +146,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         with runtime.autocast():
             logits = model(images)
             loss = criterion(logits, labels)
-        optimizer_step(loss, optimizer, scaler)
+        stepped = optimizer_step(loss, optimizer, scaler)
         lr = optimizer.param_groups[0]["lr"]  # the LR this batch used, before the schedule moves
-        if scheduler is not None:
+        if scheduler is not None and stepped:  # a skipped update does not use up a scheduled LR
             scheduler.step()
         # Sums stay on the device: reading them back every batch would stall the GPU.
         loss_sum += loss.detach() * len(labels)
@@ -207,7 +213,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`, with a clear error if it is not one."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # Tensors, numbers and strings only: a checkpoint from a shared folder cannot run code.
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}; delete it or pass --no-resume "
                               "(notebook: resume=False or CIFAR_RESUME=0) to start over") from err
@@ -416,8 +423,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                                   "EpochShuffleSampler can continue; build the loaders with build_loaders")
     if start_epoch < recipe.epochs:
         sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
-                                "machine": cpu_model() if runtime.device.type == "cpu"
-                                else str(runtime.device),
+                                "machine": device_name(runtime.device),
                                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                                | (session or {})]
     began = time.perf_counter()
@@ -460,6 +466,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                    "train_images": train["images"], "test_images": test["images"],
                    "session": len(sessions) - 1}
             history = history + [row]
+            sessions[-1]["peak_memory_gib"] = peak_memory_gib(runtime.device)
             epochs.set_postfix(train_acc=f"{train['acc']:.3f}", test_acc=f"{test['acc']:.4f}")
             improved = test["acc"] > best_acc
             best_acc = max(best_acc, test["acc"])

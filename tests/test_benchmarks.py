@@ -6,10 +6,13 @@ import signal
 import threading
 
 import pytest
+import torch
 
 from benchmarks import run
 from benchmarks.run import _log_lock, _short_commit, append_record, main, read_records, repo_relative
+from benchmarks.throughput import side_by_side
 from helpers import train
+from helpers.runtime import Runtime
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--max-lr", "0.01"]
 
@@ -158,3 +161,18 @@ def test_a_stopped_seed_is_resumed_by_the_same_command_after_the_seeds_already_r
     assert captured.err.strip() == (f"interrupted; epoch 0, 16 images into epoch 1 is saved in "
                                     f"{out / 's9-seed1'}/last.pt; run the same command to resume")
     assert [r["settings"]["seed"] for r in read_records(log)] == [0], "nothing recorded for seed 1"
+
+
+def test_side_by_side_measures_each_distinct_runtime_once(tmp_path):
+    fast = Runtime(torch.device("cpu"), torch.bfloat16, channels_last=True)
+    assert side_by_side(fast) == [fast, Runtime(torch.device("cpu"), torch.bfloat16),
+                                  Runtime(torch.device("cpu"))]
+    assert side_by_side(Runtime(torch.device("cpu"))) == [Runtime(torch.device("cpu"))]
+    log = tmp_path / "runs.jsonl"
+    assert main(["--log", str(log), "throughput", "--recipe", "s9", "--synthetic", "--batches", "1",
+                 "--warmup", "0", "--device", "cpu", "--side-by-side", "--out", str(tmp_path / "runs")]) == 0
+    expected = side_by_side(Runtime.for_device("cpu"))
+    records = read_records(log)
+    assert [r["runtime"] for r in records] == [r.as_dict() for r in expected]
+    assert all(r["model"]["train_images_per_second"] > 0 for r in records)
+    assert len({r["loader"]["images_per_second"] for r in records}) == 1  # the loader measured once

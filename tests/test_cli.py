@@ -2,9 +2,14 @@
 with one line and exit status 2 before any work."""
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -373,3 +378,61 @@ def test_bad_plateau_and_cutout_overrides_are_one_line_errors(capsys, recipe, fl
     assert main(["train", "--recipe", recipe, "--synthetic"] + flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# S10, whose range test starts the loader's (persistent) workers before training takes over Ctrl-C.
+WITH_WORKERS = ["train", "--recipe", "s10", "--synthetic", "--epochs", "2", "--batch-size", "32",
+                "--train-subset", "256", "--test-subset", "64", "--lr-finder-iters", "5", "--workers", "2",
+                "--no-progress", "--device", "cpu"]
+
+NOTEBOOK_CELLS = """
+import json, sys
+from helpers import pipeline
+settings = pipeline.RunSettings("s10", synthetic=True, epochs=2, batch_size=32, train_subset=256,
+                                test_subset=64, lr_finder_iters=5, workers=2, progress=False,
+                                device="cpu", out=sys.argv[1])
+run = pipeline.start_run(settings)
+data, summary = pipeline.load_run_data(run)
+train_loader, test_loader = pipeline.build_run_loaders(run, data, summary)
+model = pipeline.build_run_model(run)
+max_lr = pipeline.resolve_max_lr(run, model, train_loader)
+try:
+    pipeline.train_run(run, model, train_loader, test_loader, max_lr)  # stopped by the interrupt
+except KeyboardInterrupt:
+    pass
+result = pipeline.train_run(run, model, train_loader, test_loader, max_lr)  # the cell run again
+print(json.dumps([s["from_epoch"] for s in result.sessions]))
+"""
+
+
+def interrupt_after_the_first_epoch(command: list[str], out) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group and send SIGINT to the whole group, as a terminal's
+    Ctrl-C or Jupyter's interrupt does, once the first epoch is saved: the workers get it too."""
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        returncode = process.wait(timeout=300)
+        log.seek(0)
+        return subprocess.CompletedProcess(command, returncode, log.read())
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path):
+    out = tmp_path / "s10"
+    command = [sys.executable, "-m", "helpers", *WITH_WORKERS, "--out", str(out)]
+    stopped = interrupt_after_the_first_epoch(command, out)
+    assert stopped.returncode == 130, stopped.stdout
+    assert train.load_checkpoint(out / "last.pt")["epoch"] >= 1
+    assert main(WITH_WORKERS + ["--out", str(out)]) == 0  # the same command resumes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2] and metrics["resumes"] == 1
+
+
+def test_after_a_notebook_interrupt_the_training_cell_runs_again_and_resumes(tmp_path):
+    out = tmp_path / "s10"
+    done = interrupt_after_the_first_epoch([sys.executable, "-c", NOTEBOOK_CELLS, str(out)], out)
+    assert done.returncode == 0, done.stdout
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 1]  # stopped in epoch 2, then resumed

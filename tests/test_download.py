@@ -237,7 +237,7 @@ def test_file_url_works_like_a_mirror(tmp_path, fake):
 
 
 def test_cache_is_filled_then_used_without_requests(tmp_path, fake, mirror, monkeypatch, cifar10):
-    cache = tmp_path / "drive"
+    cache = tmp_path / "drive" / "MyDrive" / "cifar10-course" / "cache"  # made with its parents
     download_cifar10(tmp_path / "first", [mirror.url("/good")], fake.md5, cache_dir=cache, **FAST)
     assert (cache / CIFAR10_FILENAME).read_bytes() == fake.data
     assert os.listdir(cache) == [CIFAR10_FILENAME]

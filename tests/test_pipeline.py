@@ -147,3 +147,23 @@ def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoi
     assert pipeline.range_test_signature(run, pipeline.build_run_model(run), loader)["seed"] == 1
     (tmp_path / "s10" / pipeline.RANGE_TEST_FILE).write_bytes(b"torn")  # unreadable: tested again
     assert resolve(settings).source == "range test" and len(calls) == 2
+
+
+def test_a_folder_on_a_filesystem_without_locks_still_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    from helpers.__main__ import main
+
+    def no_locks_here(fd, operation):  # Google Drive's mount in Colab, some network filesystems
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_here)
+    out = tmp_path / "drive" / "s9"
+    tiny = ["train", "--recipe", "s9", "--synthetic", "--epochs", "1", "--batch-size", "32",
+            "--train-subset", "64", "--test-subset", "32", "--no-progress", "--device", "cpu",
+            "--workers", "0", "--out", str(out)]
+    assert main(tiny) == 0 and (out / "last.pt").exists()
+    assert capsys.readouterr().err.strip(), "a warning says the folder is not locked"
+    assert main(tiny) == 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_epoch"] == 1

@@ -1,6 +1,7 @@
 """The runtime: device choice, precision by hardware, metadata, atomic files."""
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -91,3 +92,23 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(tmp_path)
     (tmp_path / "last.pt").write_bytes(b"x")
     assert sorted(remove_stale_temporaries(tmp_path)) == [".best.pt.tmp123", ".last.pt.tmp99999"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "last.pt"])
+
+
+def test_a_checkout_is_dirty_for_changed_code_but_not_for_the_figures_a_notebook_writes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "helpers" / "train.py").write_text("x = 1\n")
+    (tmp_path / "images" / "s10_history.png").write_bytes(b"old figure")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    package = tmp_path / "helpers"  # git_commit asks from the package's folder
+    assert not rt.git_commit(package).endswith("+dirty")
+    (tmp_path / "images" / "s10_history.png").write_bytes(b"a new run's figure")
+    assert not rt.git_commit(package).endswith("+dirty")
+    (tmp_path / "helpers" / "train.py").write_text("x = 2\n")
+    assert rt.git_commit(package).endswith("+dirty")

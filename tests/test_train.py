@@ -245,7 +245,7 @@ def send_on_step(monkeypatch, signals_by_step: dict[int, list[int]]) -> None:
         calls[0] += 1
         for signum in signals_by_step.get(calls[0], []):
             os.kill(os.getpid(), signum)
-        real_step(*args)
+        return real_step(*args)
     monkeypatch.setattr(train, "optimizer_step", step_and_signal)
 
 

@@ -180,9 +180,8 @@ def measure_throughput(args: argparse.Namespace) -> None:
         append_record({"kind": "throughput", "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                             time.gmtime()),
                        "command": _command(), "note": args.note, "recipe": run.recipe.name,
-                       "batch_size": run.recipe.batch_size,
-                       "plain": runtime.amp_dtype is None and not runtime.channels_last,
-                       "model": model, "loader": loader | {"workers": train_loader.num_workers},
+                       "batch_size": run.recipe.batch_size, "plain": args.plain, "model": model,
+                       "loader": loader | {"workers": train_loader.num_workers},
                        "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
                        else "loader", "data": {"source": data.source}, "runtime": runtime.as_dict(),
                        "metadata": run_metadata(runtime)}, args.log)

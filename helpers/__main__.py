@@ -166,7 +166,8 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
         if isinstance(err, OSError) and not isinstance(err, DataError):
             text = f"{err.strerror or err}: {err.filename!r}" if err.filename else str(err)
         if isinstance(err, torch.cuda.OutOfMemoryError):
-            text = (f"the GPU ran out of memory ({str(err).splitlines()[0]}); close what else uses it "
+            first_line = str(err).partition("\n")[0]
+            text = (f"the GPU ran out of memory ({first_line}); close what else uses it "
                     "(another notebook or process) and run the same command to resume from the last "
                     "save, or start over in another folder with a smaller --batch-size")
         print(f"error: {text}", file=sys.stderr)

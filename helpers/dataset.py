@@ -438,7 +438,8 @@ def make_loader(
     num_workers: int | None = None,
     fast: bool = True,
 ) -> DataLoader:
-    """Train: per-epoch seeded shuffle; test: fixed order. `fast` adds pinning and prefetching."""
+    """Train: per-epoch seeded shuffle; test: fixed order. `fast` adds pinning, prefetching and
+    workers that persist between epochs."""
     on_cuda = torch.device(device).type == "cuda"
     workers = default_num_workers(device) if num_workers is None else num_workers
     options = {}

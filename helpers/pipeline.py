@@ -390,7 +390,7 @@ def lock_run_folder(out: Path) -> None:
         os.close(fd)
         raise SettingsError(f"output folder {str(out)!r} is in use by another run (pid {holder}); "
                             "wait for it to finish, stop it, or pass another folder (--out)") from None
-    except OSError as err:  # a filesystem without locks (Google Drive's mount in Colab): run unlocked
+    except OSError as err:  # a filesystem where flock fails (some network and FUSE mounts): run unlocked
         print(f"warning: cannot lock {out}/ ({err.strerror or err}); the run goes on, but nothing "
               "stops a second run from writing into the same folder", file=sys.stderr)
     os.ftruncate(fd, 0)

@@ -191,9 +191,11 @@ def device_name(device: torch.device) -> str:
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
-    """The most memory this process has held: on a GPU its tensors, on a CPU its resident set."""
+    """The most memory held: on a GPU by tensors (since the last reset), on a CPU by this process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type != "cpu":
+        return None
     try:
         import resource
     except ImportError:  # Windows

@@ -107,10 +107,12 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
+    stepped: list[bool] = []  # a hook, not a read of the scale: no extra wait for the GPU
+    hook = optimizer.register_step_post_hook(lambda *args: stepped.append(True))
+    scaler.step(optimizer)  # calls optimizer.step only when the gradients are finite
+    hook.remove()
     scaler.update()
-    return scaler.get_scale() >= scale
+    return bool(stepped)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
@@ -426,6 +428,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                                 "machine": device_name(runtime.device),
                                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                                | (session or {})]
+    if runtime.device.type == "cuda":  # each session's own peak, not the range test's or an earlier fit's
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     began = time.perf_counter()
     epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
                   initial=start_epoch, total=recipe.epochs, dynamic_ncols=True)

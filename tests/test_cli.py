@@ -1,6 +1,7 @@
 """The headless command: it runs end to end, writes its files, resumes, and refuses bad input
 with one line and exit status 2 before any work."""
 
+import contextlib
 import json
 import os
 import re
@@ -414,7 +415,8 @@ def interrupt_after_the_first_epoch(command: list[str], out) -> subprocess.Compl
         deadline = time.monotonic() + 300
         while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended already: its output says why
+            os.killpg(process.pid, signal.SIGINT)
         returncode = process.wait(timeout=300)
         log.seek(0)
         return subprocess.CompletedProcess(command, returncode, log.read())

@@ -39,14 +39,19 @@ def in_fake_colab(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.chdir(tmp_path)  # the cell moves into the clone; undone after the test
     monkeypatch.setattr(sys, "path", list(sys.path))
-    commands, answers = [], {}
+    commands, answers, origins = [], {}, {}
 
     def run(command, **kwargs):
         commands.append(list(command))
-        if command[:2] == ("git", "clone") and not answers.get("git"):
-            os.makedirs(command[-1])  # what a successful clone leaves behind
-        return subprocess.CompletedProcess(command, 0 if not answers.get(command[0]) else 128,
-                                           stdout="", stderr=answers.get(command[0], ""))
+        if answers.get(command[0]):  # this program fails with that message
+            return subprocess.CompletedProcess(command, 128, stdout="", stderr=answers[command[0]])
+        stdout = ""
+        if command[:2] == ("git", "clone"):  # what a successful clone leaves behind
+            os.makedirs(command[-1])
+            origins[command[-1]] = command[-2]
+        elif command[:2] == ("git", "-C") and command[3:] == ("remote", "get-url", "origin"):
+            stdout = origins[command[2]] + "\n"
+        return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
 
     monkeypatch.setattr(subprocess, "run", run)
     return commands, answers, tmp_path / "clone"
@@ -62,14 +67,18 @@ def setup_cell(clone: Path, repo: str = "cifar10-course/cifar10-course") -> str:
 
 def test_the_setup_cell_clones_the_repo_installs_it_and_moves_into_it(in_fake_colab):
     commands, _, clone = in_fake_colab
-    exec(setup_cell(clone, repo="a-student/cifar10-course"), {})
+    exec(setup_cell(clone, repo="a-student/cifar10-course"), {})  # a student's fork
     assert commands == [["git", "clone", "--depth", "1", "https://github.com/a-student/cifar10-course.git",
                          str(clone)],
                         [sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)]]
     assert Path.cwd() == clone and sys.path[0] == str(clone)
     commands.clear()
-    exec(setup_cell(clone), {})  # Run all again on the same VM: no second clone
-    assert [c[0] for c in commands] == [sys.executable]
+    exec(setup_cell(clone, repo="a-student/cifar10-course"), {})  # Run all again on the same VM
+    assert [c[:2] for c in commands] == [["git", "-C"], [sys.executable, "-m"]], "no second clone"
+    commands.clear()
+    with pytest.raises(RuntimeError):  # the REPO field changed: the old clone is not used silently
+        exec(setup_cell(clone, repo="cifar10-course/cifar10-course"), {})
+    assert [c[:2] for c in commands] == [["git", "-C"]], "nothing installed from the wrong clone"
 
 
 def test_a_failed_clone_shows_gits_own_message(in_fake_colab):

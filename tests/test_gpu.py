@@ -47,18 +47,24 @@ def test_a_short_run_stops_resumes_and_explains_on_the_gpu(recipe, tmp_path):
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
     assert all(r["train_loss"] == r["train_loss"] for r in metrics["history"]), "no NaN loss"
     assert all(s["peak_memory_gib"] > 0 for s in metrics["sessions"])
-    assert len(metrics["misclassified_indices"]) == RECIPES[recipe].num_misclassified
-    assert {"misclassified.png", "gradcam.png", "gradcam_true.png"} <= {p.name for p in out.iterdir()}
+    wrong = round((1 - metrics["predict_acc"]) * metrics["data"]["test"])  # synthetic data: maybe none
+    assert len(metrics["misclassified_indices"]) == min(RECIPES[recipe].num_misclassified, wrong)
+    if wrong:
+        assert {"misclassified.png", "gradcam.png", "gradcam_true.png"} <= {p.name for p in out.iterdir()}
 
 
 @pytest.mark.parametrize("recipe", ["s10", "s8", "s9"])
-def test_gradcam_on_the_gpu_matches_the_cpu(recipe):
+def test_gradcam_on_the_gpu_matches_the_cpu(recipe, monkeypatch):
+    # fp32 on both sides: Ampere and later GPUs would otherwise run these convolutions in TF32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     spec = RECIPES[recipe]
     torch.manual_seed(0)
     model = create_model(spec.model, **spec.model_kwargs).eval()
     images = torch.randn(8, 3, 32, 32)
-    on_cpu = explain(model, spec.gradcam_layer, images)
-    on_gpu = explain(model.cuda(), spec.gradcam_layer, images)
+    targets = model(images).argmax(1)  # the same classes on both devices, even on a near-tie
+    on_cpu = explain(model, spec.gradcam_layer, images, targets)
+    on_gpu = explain(model.cuda(), spec.gradcam_layer, images, targets)
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=0)
 
 

@@ -111,42 +111,15 @@ S10 = Recipe(
     augment=Augment(crop_padding=4, hflip_p=0.5, cutout_size=8),
     gradcam_layer="layer2",  # 256x8x8; layer3 is 4x4, too coarse to show where the model looks
     label_smoothing=0.1,
-    # LRMAX = the LR at the range test's smoothed-loss minimum, LRMIN = LRMAX / 100, where the
-    # schedule also ends (no annihilation). Proxy runs (10,000 train images, full test set, 24
-    # epochs, JPEG copy, seed 0, benchmarks/runs.jsonl): a tenth of the minimum with LRMIN = LRMAX/10
-    # 80.12%, the minimum itself with /10 80.11%, with /100 81.01%; weight decay 5e-4 79.51%.
-    # Full runs (same data, seed, 24 epochs): 90.59% with this rule, 89.64% with the first.
-    # Cutout on half the images (as the public S10 repos that reach 93% have it) won on the proxy,
-    # 81.79% against 81.01% (bf16 on an AMX Xeon against a Zen 5 EPYC; cosine phases on top 81.64%),
-    # but lost in full: 90.25% against 90.59% (its range test chose 1.205e-2 on that Xeon), so the
-    # hole stays in every image and the phases stay linear. Ending at LRMIN/100 rather than LRMIN
-    # (final_div_factor 100, as the public runs do with three_phase=False): 90.45% in full, no gain.
-    # Label smoothing 0 (plain cross-entropy; Zen 4 EPYC, same range-test max LR): 90.24%, no gain.
+    # LRMAX = the range test's smoothed-loss minimum, LRMIN = LRMAX / 100, where the schedule also
+    # ends (no annihilation): the pair that won the proxy runs and the full ones (EXPERIMENTS.md).
     onecycle=OneCycle(peak_epoch=5, div_factor=100.0, final_div_factor=1.0),
     lr_finder=LRFinder(start_lr=1e-5, end_lr=1.0, num_iter=100, fraction=1.0),
 )
 
-# AdamW rather than SGD or Adam (full runs and probes below). ResNet18 with LayerNorm learns slowly
-# under SGD: the full run of the first recipe (SGD + Nesterov at 0.05, weight decay 5e-4; JPEG copy,
-# seed 0, bf16 on a 2-core Zen 5 EPYC) had 59% train accuracy after 13 epochs at 0.05 and 69.75%
-# best test accuracy after 18 epochs.
-# After 200 steps on the full training set (batch 256, same data and seed, 2,000 test images):
-# SGD 0.05 24.2%, SGD 0.02 26.3%, Adam 1e-3 33.7%, Adam 3e-3 28.4%.
-# Batch 128 rather than 256: the network learns slowly per image whatever the LR, so twice the
-# steps per epoch; and on 2 cores an epoch is faster too. One epoch each (full train set, 2,000
-# test images, JPEG copy, seed 0, bf16 on a 2-core Zen 5 EPYC, test accuracy): batch 256 with Adam
-# at 1e-3 / 5e-4 / 3e-4 gave 32.2% (full test set) / 30.6% / 32.6% in 330-350 s; batch 128 at 1e-3
-# 35.0% in 285 s. Same epoch for comparison: BatchNorm in place of LayerNorm 44.1%, no cutout and
-# rotation 35.0%, no zero-init of the residual branches 21.8%, LayerNorm over channels per pixel
-# (ConvNeXt's) 31.0%: LayerNorm itself is what makes the net slow, and the zero init matters.
-# Full 40-epoch runs (JPEG copy, seed 0, bf16, benchmarks/runs.jsonl): Adam 1e-3 with L2 1e-4 and
-# cutout on every image (the previous recipe, Zen 5) 80.93%; the same with cutout on half the
-# images and patience 1 (Intel AMX Xeon) 81.08%; this recipe, AdamW (decay decoupled from Adam's
-# per-weight scaling) at 2e-3 with decay 0.05 and cutout on half the images (Intel AMX Xeon),
-# 85.20%, ahead from the first epochs (61.25% against 52.54% at epoch 5, 82.96% against 73.50% at
-# 20). Three-epoch probes (same data order): Adam + L2 45.59%, AdamW 1e-3 48.32%, 2e-3 50.52%.
-# Strides 1,2,2,1 (the last stage at 8x8, 1.7x the multiply-adds) in full on the Xeon: 85.74%, half
-# a point on one seed and not recorded (its run folder was lost; README), so the layout stays 1,2,2,2.
+# AdamW: its decay, decoupled from Adam's per-weight scaling, keeps this LayerNorm net learning
+# (85.20% against Adam + L2's 80.93% in full); batch 128 gives the slow learner twice the steps.
+# Both, and the probes behind them, in EXPERIMENTS.md.
 S8 = Recipe(
     name="s8",
     model="resnet18",
@@ -163,14 +136,9 @@ S8 = Recipe(
     plateau=Plateau(factor=0.2, patience=2, threshold=0.001, min_lr=1e-5),
 )
 
-# The small network of S9: no range test (a fixed SGD peak that suits BatchNorm nets of this size),
-# One Cycle over 30 epochs ending near zero, since S9 sets no rule against annihilation.
-# Full runs (JPEG copy, seed 0, 30 epochs, 2-core EPYC, benchmarks/runs.jsonl) with the warp on
-# every image, all short of the 85% target and underfitting (train accuracy on augmented images at
-# or below test accuracy): 84.78% with this network; with 128 channels (174,954 parameters) and
-# label smoothing 0.1, 84.68%, and 84.40% at batch 128, peak 0.1. Hence the warp on half the
-# images, as albumentations' ShiftScaleRotate defaulted to (p=0.5) when the assignment was set:
-# 87.21% (same data and seed, bf16 on a 2-core Zen 5 EPYC).
+# No range test: a fixed SGD peak that suits BatchNorm nets of this size; One Cycle ends near zero,
+# since S9 sets no rule against annihilation. The warp on half the images: on every image the
+# network underfit (EXPERIMENTS.md).
 S9 = Recipe(
     name="s9",
     model="dilated_dwsep_net",
@@ -185,7 +153,7 @@ S9 = Recipe(
     augment=Augment(crop_padding=0, hflip_p=0.5, shift_limit=0.0625, scale_limit=0.1,
                     rotate_limit=10.0, affine_p=0.5, cutout_size=16, cutout_p=0.5),
     gradcam_layer="c4",  # 144x8x8, the last map
-    label_smoothing=0.0,  # the 128-wide network underfit (train acc below test acc): no extra regularizer
+    label_smoothing=0.0,  # the network underfits rather than overfits: no extra regularizer
     onecycle=OneCycle(peak_epoch=6, div_factor=20.0, final_div_factor=200.0, max_lr=0.2),
 )
 

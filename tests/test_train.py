@@ -331,7 +331,7 @@ def test_recipes_hold_the_assignment_values():
     assert (S10.augment.crop_padding, S10.augment.hflip_p, S10.augment.cutout_size) == (4, 0.5, 8)
     assert (S8.model, S8.model_kwargs["norm"], S8.epochs, S8.scheduler) == ("resnet18", "ln", 40, "plateau")
     assert (S8.augment.cutout_size, S8.augment.rotate_limit, S8.augment.hflip_p) == (16, 5.0, 0.0)
-    # not the assignment's but the recipe's own tuning (85.20% in full, see recipes.py): pinned so that
+    # not the assignment's but the recipe's own tuning (85.20% in full, see EXPERIMENTS.md): pinned so that
     # an accidental change shows up here rather than in a four-hour run
     assert (S8.optimizer, S8.lr, S8.weight_decay, S8.augment.cutout_p) == ("adamw", 2e-3, 0.05, 0.5)
     assert dataclasses.replace(S8).gradcam_layer == "layer3" and S10.gradcam_layer == "layer2"

@@ -128,7 +128,7 @@ class RunSettings:
             if not recipe.augment.cutout_size:
                 raise SettingsError(f"cutout_p: {self.recipe} has no cutout; leave cutout_p unset")
         if self.strides is not None:
-            if recipe.model not in ("resnet18", "resnet34"):
+            if recipe.model != "resnet18":
                 raise SettingsError(f"strides: {self.recipe}'s {recipe.model} has fixed strides; "
                                     "leave strides unset")
             parse_strides(self.strides)
@@ -260,11 +260,6 @@ class Run:
     out: Path
     resume_state: dict[str, Any] | None
     started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def resumed_epoch(self) -> int:
-        """Epochs already finished by earlier executions (0 for a fresh run)."""
-        return self.resume_state["epoch"] if self.resume_state else 0
 
     def say(self, message: str) -> None:
         """One line of progress for the reader (stdout, flushed: headless logs show it at once)."""

@@ -373,11 +373,8 @@ class FitResult:
 
     history: list[dict[str, Any]]
     best_acc: float
-    max_lr: float | None
-    checkpoint_dir: str | None
     resumed_from_epoch: int = 0
     wall_seconds: float = 0.0  # this call only
-    lr_finder: dict[str, Any] | None = None  # the range test that chose max_lr, kept across resumes
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
     setup: dict[str, str] = field(default_factory=dict)  # the optimizer, schedule and loss fit built
 
@@ -485,8 +482,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                 on_epoch_end(row)
             if stop_signals and epoch + 1 < recipe.epochs:  # asked during the evaluation: saved above
                 raise TrainingStopped(stop_signals[0])
-    return FitResult(history, best_acc, max_lr, str(checkpoint_dir) if checkpoint_dir else None,
-                     start_epoch, time.perf_counter() - began, lr_finder, sessions,
+    return FitResult(history, best_acc, start_epoch, time.perf_counter() - began, sessions,
                      describe_setup(optimizer, scheduler, criterion, steps_per_epoch))
 
 

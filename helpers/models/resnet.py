@@ -1,4 +1,4 @@
-"""CIFAR ResNet18/34 (kuangliu/pytorch-cifar layout) with the normalisation as an argument.
+"""CIFAR ResNet18 (kuangliu/pytorch-cifar layout) with the normalisation as an argument.
 
 Every normalisation layer, the 1x1 shortcut's included, is built by `make_norm(norm, channels)`:
 
@@ -7,11 +7,9 @@ Every normalisation layer, the 1x1 shortcut's included, is built by `make_norm(n
   (C, H, W) and then applies a per-channel scale and shift. ``nn.LayerNorm([C, H, W])`` would
   normalise the same statistics but learn a scale per *pixel*, tying the weights to one input
   size and multiplying the parameter count; the per-channel affine keeps the parameter count of
-  BatchNorm (so all four variants have the same size) and works at any resolution.
+  BatchNorm (so both variants have the same size) and works at any resolution.
   Unlike BatchNorm it has no running statistics: train and eval behave the same, and a sample's
   output does not depend on the other samples in its batch.
-- ``"gn"``: GroupNorm with ``groups`` groups (default 32; it must divide 64).
-- ``"in"``: InstanceNorm with an affine, i.e. ``GroupNorm(C, C)``: one group per channel.
 """
 
 from __future__ import annotations
@@ -22,40 +20,34 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-Norm = Literal["bn", "ln", "gn", "in"]
-NORMS: tuple[str, ...] = ("bn", "ln", "gn", "in")
+Norm = Literal["bn", "ln"]
+NORMS: tuple[str, ...] = ("bn", "ln")
 Strides = tuple[int, int, int, int]
 KUANGLIU_STRIDES: Strides = (1, 2, 2, 2)  # the first conv of each stage: 32, 16, 8, 4 pixels a side
 
 
-def make_norm(norm: str, channels: int, groups: int = 32) -> nn.Module:
+def make_norm(norm: str, channels: int) -> nn.Module:
     """Build the normalisation layer named by `norm` for `channels` channels."""
     if norm == "bn":
         return nn.BatchNorm2d(channels)
     if norm == "ln":
         return nn.GroupNorm(1, channels)
-    if norm == "gn":
-        if channels % groups:
-            raise ValueError(f"GroupNorm: groups={groups} must divide channels={channels}")
-        return nn.GroupNorm(groups, channels)
-    if norm == "in":
-        return nn.GroupNorm(channels, channels)
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with norms; a 1x1 conv + norm shortcut when the shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, groups: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = make_norm(norm, c_out, groups)
+        self.norm1 = make_norm(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = make_norm(norm, c_out, groups)
+        self.norm2 = make_norm(norm, c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), make_norm(norm, c_out, groups)
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), make_norm(norm, c_out)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,21 +68,20 @@ class ResNet(nn.Module):
         num_blocks: tuple[int, int, int, int],
         norm: Norm = "bn",
         num_classes: int = 10,
-        groups: int = 32,
         zero_init_residual: bool = False,
         strides: Strides = KUANGLIU_STRIDES,
     ) -> None:
         super().__init__()
-        make_norm(norm, 64, groups)  # validate the arguments before building anything
+        make_norm(norm, 64)  # validate the arguments before building anything
         if len(strides) != 4 or any(s not in (1, 2) for s in strides):
             raise ValueError(f"strides must be four values of 1 or 2, one per stage, got {tuple(strides)}")
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.norm1 = make_norm(norm, 64, groups)
+        self.norm1 = make_norm(norm, 64)
         widths, c_in = (64, 128, 256, 512), 64
         for i, (width, stride, n) in enumerate(zip(widths, strides, num_blocks), start=1):
             blocks = []
             for s in [stride] + [1] * (n - 1):
-                blocks.append(BasicBlock(c_in, width, s, norm, groups))
+                blocks.append(BasicBlock(c_in, width, s, norm))
                 c_in = width
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.fc = nn.Linear(512, num_classes)
@@ -108,10 +99,5 @@ class ResNet(nn.Module):
 
 
 def ResNet18(norm: Norm = "bn", num_classes: int = 10, **kwargs) -> ResNet:  # noqa: N802
-    """ResNet18 for 32x32 inputs: 11,173,962 parameters with any of the four norms."""
+    """ResNet18 for 32x32 inputs: 11,173,962 parameters with either norm."""
     return ResNet((2, 2, 2, 2), norm, num_classes, **kwargs)
-
-
-def ResNet34(norm: Norm = "bn", num_classes: int = 10, **kwargs) -> ResNet:  # noqa: N802
-    """ResNet34 for 32x32 inputs: 21,282,122 parameters with any of the four norms."""
-    return ResNet((3, 4, 6, 3), norm, num_classes, **kwargs)

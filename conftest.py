@@ -1,8 +1,9 @@
 """Shared fixtures, and smoke-mode settings for the notebooks run by nbval.
 
-The notebooks read their settings with `RunSettings.from_env`, which takes CIFAR_<FIELD> variables;
-the kernels nbval starts inherit this process's environment, so setting defaults here shrinks every
-notebook run to a minute or two on a CPU. Values already set (by .ci/run or by hand) win.
+The notebooks apply the recipe overrides in CIFAR_OVERRIDES and read their run options from
+CIFAR_<OPTION> variables; the kernels nbval starts inherit this process's environment, so setting
+them here shrinks every notebook run to a minute or two on a CPU. Values already set (by .ci/run or
+by hand) win.
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ import torch
 _SMOKE_DIR = tempfile.mkdtemp(prefix="cifar-smoke-")
 atexit.register(shutil.rmtree, _SMOKE_DIR, ignore_errors=True)  # after the last kernel is gone
 for key, value in {
-    "CIFAR_EPOCHS": "1",
-    "CIFAR_TRAIN_SUBSET": "256",
-    "CIFAR_TEST_SUBSET": "128",
-    "CIFAR_BATCH_SIZE": "32",
-    "CIFAR_LR_FINDER_ITERS": "6",
+    "CIFAR_OVERRIDES": "epochs=1 train_subset=256 test_subset=128 batch_size=32 lr_finder.num_iter=6",
     "CIFAR_OUT": os.path.join(_SMOKE_DIR, "runs", "{recipe}"),
     "CIFAR_IMAGES_DIR": os.path.join(_SMOKE_DIR, "images"),
     "CIFAR_DOWNLOAD": "0",

@@ -20,19 +20,20 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from helpers.__main__ import OneLineParser, add_tuning_flags, run_guarded, tuning_overrides
+from helpers.__main__ import OneLineParser, add_recipe_flags, recipe_from_args, run_guarded
 from helpers.pipeline import (
-    RunSettings,
+    RunOptions,
     SettingsError,
     build_run_loaders,
     load_run_data,
     run_recipe,
     start_run,
 )
-from helpers.recipes import RECIPES
+from helpers.recipes import RECIPES, get_recipe
 from helpers.runtime import atomic_write, run_metadata
 
 from . import throughput
@@ -115,28 +116,25 @@ def recorded_already(out: Path, log: Path) -> bool:
     return path.exists() and any(same_run(json.loads(path.read_text()), r) for r in read_records(log))
 
 
-def train(args: argparse.Namespace, started: list[RunSettings]) -> None:
+def train(args: argparse.Namespace, started: list[Path]) -> None:
     """Run the recipe once per seed through `run_recipe`, each into its own folder, and record it.
 
     A seed whose finished run is already in the log is skipped, so the same command resumes a
-    stopped multi-seed benchmark at the seed it stopped in. `started` gets each seed's settings.
+    stopped multi-seed benchmark at the seed it stopped in. `started` gets each seed's run folder.
     """
-    # Every seed's settings first: a bad one is refused before any seed trains.
-    all_settings = [
-        RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
-                    epochs=args.epochs, train_subset=args.train_subset,
-                    test_subset=args.test_subset, seed=seed, **tuning_overrides(args),
-                    out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
-                    compile=args.compile, device=args.device, progress=not args.no_progress)
-        for seed in args.seeds
-    ]
-    for settings in all_settings:
-        if recorded_already(settings.out_dir, args.log):
-            print(f"seed {settings.seed}: its finished run in {settings.out_dir}/ is already in "
-                  f"{args.log}; skipped")
+    recipe = recipe_from_args(args)
+    # Every seed's options first: a bad one is refused before any seed trains.
+    all_options = [RunOptions(data_dir=args.data_dir, synthetic=args.synthetic, seed=seed,
+                              out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
+                              device=args.device, progress=not args.no_progress)
+                   for seed in args.seeds]
+    for options in all_options:
+        out = options.out_dir(recipe)
+        if recorded_already(out, args.log):
+            print(f"seed {options.seed}: its finished run in {out}/ is already in {args.log}; skipped")
             continue
-        started.append(settings)
-        append_record(training_record(run_recipe(settings), _command(), args.note), args.log)
+        started.append(out)
+        append_record(training_record(run_recipe(recipe, options), _command(), args.note), args.log)
 
 
 def record(args: argparse.Namespace) -> None:
@@ -164,14 +162,15 @@ def measure_throughput(args: argparse.Namespace) -> None:
     With --side-by-side the model is measured in each of `throughput.side_by_side` runtimes, in one
     process on one idle device: the only comparison of runtimes worth reporting.
     """
-    settings = RunSettings(recipe=args.recipe, data_dir=args.data_dir, synthetic=args.synthetic,
-                           out=str(Path(args.out) / f"throughput-{args.recipe}"), plain=args.plain,
-                           compile=args.compile, device=args.device, resume=False, progress=False)
-    run = start_run(settings)
+    options = RunOptions(data_dir=args.data_dir, synthetic=args.synthetic, plain=args.plain,
+                         out=str(Path(args.out) / f"throughput-{args.recipe}"), device=args.device,
+                         resume=False, progress=False)
+    run = start_run(get_recipe(args.recipe), options)
     data, summary = load_run_data(run)
     train_loader, _ = build_run_loaders(run, data, summary)
     loader = throughput.loader_throughput(train_loader, args.batches)
-    runtimes = throughput.side_by_side(run.runtime) if args.side_by_side else [run.runtime]
+    fast = replace(run.runtime, compile=args.compile)
+    runtimes = throughput.side_by_side(fast) if args.side_by_side else [fast]
     for runtime in runtimes:
         model = throughput.model_throughput(run.recipe, runtime, args.batches, args.warmup)
         print(f"{run.recipe.name}, {runtime.describe()}: train {model['train_images_per_second']:,.0f} "
@@ -285,9 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--note", help="a sentence stored with the record")
     t = sub.choices["train"]
     t.add_argument("--seeds", type=int, nargs="+", default=[0])
-    for flag in ("--epochs", "--train-subset", "--test-subset"):
-        t.add_argument(flag, type=int)
-    add_tuning_flags(t)
+    add_recipe_flags(t)
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)
@@ -307,11 +304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line and status 2, a stopped training names its checkpoint."""
     args = parse_args(argv)
-    started: list[RunSettings] = []
+    started: list[Path] = []
     command = {"train": lambda a: train(a, started), "record": record, "throughput": measure_throughput,
                "notebook": execute_notebook,
                "report": lambda a: write_report(a.log, a.log.with_name(REPORT.name))}[args.command]
-    return run_guarded(lambda: command(args), lambda: started[-1].out_dir if started else None,
+    return run_guarded(lambda: command(args), lambda: started[-1] if started else None,
                        resume=True, debug=os.environ.get("HELPERS_DEBUG") == "1")
 
 

@@ -57,7 +57,8 @@ def model_throughput(recipe: Recipe, runtime: Runtime, batches: int, warmup: int
     """
     torch.manual_seed(0)
     model = runtime.prepare(create_model(recipe.model, **recipe.model_kwargs))
-    optimizer, criterion = build_optimizer(model, recipe), build_criterion(recipe)
+    # any LR: a step's speed does not depend on it (One Cycle recipes have no starting LR)
+    optimizer, criterion = build_optimizer(model, recipe, recipe.lr or 1e-3), build_criterion(recipe)
     model = runtime.stepper(model)  # as fit() steps it
     train_batch = random_batch(recipe.batch_size, runtime.device)
     eval_batch = random_batch(2 * recipe.batch_size, runtime.device)  # build_loaders evaluates at 2x

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipes import ANNEALS, OPTIMIZERS, RECIPES, Recipe
+from .recipes import RECIPES, Recipe, get_recipe, override
 
 if TYPE_CHECKING:
-    from .pipeline import RunSettings
-
-
-def recipe_values(value: Callable[[Recipe], object], scheduler: str | None = None) -> str:
-    """'s10: x, s8: y, ...': a recipe field for the help texts, read from the recipes themselves."""
-    named = [(r.name, value(r)) for r in RECIPES.values() if scheduler in (None, r.scheduler)]
-    return ", ".join(f"{name}: {v:g}" if isinstance(v, float) else f"{name}: {v}" for name, v in named)
+    from .pipeline import RunOptions
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,92 +25,74 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-# the RunSettings fields `add_tuning_flags` sets
-TUNING_FLAGS = ("max_lr", "optimizer", "lr", "weight_decay", "label_smoothing", "div_factor",
-                "final_div_factor", "anneal", "patience", "cutout_p", "strides")
+def recipe_keys(settings: object = RECIPES["s10"], prefix: str = "") -> list[str]:
+    """Every value a recipe holds, as dotted keys ("epochs", "augment.cutout_p"), from the dataclasses."""
+    keys = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += recipe_keys(value, f"{prefix}{f.name}.")
+        elif f.name not in ("name", "model", "scheduler"):  # what makes a recipe that recipe
+            keys.append(prefix + f.name)
+    return keys
 
 
-def add_tuning_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that change a recipe's training (the CLI's and the benchmarks' train commands)."""
-    p.add_argument("--max-lr", type=float, help="One Cycle max LR; skips the LR range test")
-    p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="replace the recipe's optimizer (tuning runs; "
-                        f"{recipe_values(lambda r: r.optimizer)})")
-    p.add_argument("--lr", type=float,
-                   help="ReduceLROnPlateau: the starting LR (tuning runs; "
-                        f"{recipe_values(lambda r: r.lr, 'plateau')})")
-    p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (tuning runs)")
-    p.add_argument("--label-smoothing", type=float,
-                   help="override the recipe's label smoothing (tuning runs)")
-    p.add_argument("--div-factor", type=float,
-                   help="One Cycle: start LR = max LR / this (tuning runs; "
-                        f"{recipe_values(lambda r: r.onecycle.div_factor, 'onecycle')})")
-    p.add_argument("--final-div-factor", type=float,
-                   help="One Cycle: end LR = start LR / this; above 1 anneals below LRMIN (tuning runs; "
-                        f"{recipe_values(lambda r: r.onecycle.final_div_factor, 'onecycle')})")
-    p.add_argument("--anneal", choices=ANNEALS,
-                   help="One Cycle: the shape of its rise and fall (tuning runs; "
-                        f"{recipe_values(lambda r: r.onecycle.anneal, 'onecycle')})")
-    p.add_argument("--patience", type=int,
-                   help="ReduceLROnPlateau: epochs without improvement before a cut (tuning runs; "
-                        f"{recipe_values(lambda r: r.plateau.patience, 'plateau')})")
-    p.add_argument("--cutout-p", type=float,
-                   help="how often the cutout hole is applied (tuning runs; "
-                        f"{recipe_values(lambda r: r.augment.cutout_p)})")
-    p.add_argument("--strides", metavar="S1,S2,S3,S4",
-                   help="ResNets: the first stride of each stage, 1 or 2 (tuning runs; default 1,2,2,2; "
-                        "1,2,2,1 keeps the last stage at 8x8)")
+def value_in(recipe: Recipe, key: str) -> object:
+    """A recipe's value at a dotted key."""
+    for part in key.split("."):
+        recipe = getattr(recipe, part)
+    return recipe
 
 
-def tuning_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The tuning flags as RunSettings keyword arguments."""
-    return {name: getattr(args, name) for name in TUNING_FLAGS}
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per recipe value (--epochs, --augment.cutout-p, ...); any of them makes a tuning run."""
+    group = parser.add_argument_group(
+        "recipe values", "each flag replaces one value of the recipe, which makes the run a tuning or "
+        "smoke run, not the assignment's; the help shows each recipe's own value")
+    for key in recipe_keys():
+        values = ", ".join(f"{r.name}: {value_in(r, key)}" for r in RECIPES.values())
+        group.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=values)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The chosen recipe with the values its flags replace."""
+    changes = [f"{key}={getattr(args, key)}" for key in recipe_keys() if getattr(args, key) is not None]
+    return override(get_recipe(args.recipe), changes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: one `train` command with the recipe and its overrides."""
+    """The command line: one `train` command with the recipe, where the run reads and writes, and
+    any recipe value replaced."""
     parser = OneLineParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a recipe end to end and write metrics and figures")
+    p = sub.add_parser("train", help="train a recipe end to end and write metrics and figures",
+                       usage="python -m helpers train --recipe {s8,s9,s10} [options] [--KEY VALUE ...]")
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     p.add_argument("--data-dir", default="data",
                    help="ImageFolder copy, torchvision folder, or a folder holding cifar-10-python.tar.gz")
     p.add_argument("--download", action="store_true",
-                   help="fetch CIFAR-10 from md5-verified mirrors if --data-dir lacks it")
-    p.add_argument("--mirrors", help="archive URLs to try, in order (spaces or commas); "
-                                     "default: $CIFAR10_URLS, else the built-in mirrors")
+                   help="fetch CIFAR-10 from md5-verified mirrors ($CIFAR10_URLS) if --data-dir lacks it")
     p.add_argument("--synthetic", action="store_true", help="synthetic images (smoke runs)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    add_tuning_flags(p)
-    p.add_argument("--lr-finder-iters", type=int, help="iterations of the LR range test")
-    p.add_argument("--train-subset", type=int, help="train on a seeded subset of N images")
-    p.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of N images")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: auto)")
-    p.add_argument("--plain", action="store_true",
-                   help="fp32, NCHW, default loader settings (the seed repos' way), for comparison")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--plain", action="store_true", help="fp32, NCHW, default loaders, for comparison")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks instead of one-line errors (also: HELPERS_DEBUG=1)")
+    add_recipe_flags(p)
     return parser.parse_args(argv)
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The pipeline's RunSettings from parsed flags."""
-    from .pipeline import RunSettings
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    """Where the run reads and writes, and what it runs on, from parsed flags."""
+    from .pipeline import RunOptions
 
-    return RunSettings(
-        recipe=args.recipe, data_dir=args.data_dir, download=args.download, mirrors=args.mirrors,
-        synthetic=args.synthetic, epochs=args.epochs, batch_size=args.batch_size,
-        lr_finder_iters=args.lr_finder_iters, **tuning_overrides(args), train_subset=args.train_subset,
-        test_subset=args.test_subset, out=args.out, seed=args.seed, device=args.device,
-        workers=args.workers, plain=args.plain, compile=args.compile, resume=not args.no_resume,
-        progress=not args.no_progress)
+    return RunOptions(data_dir=args.data_dir, download=args.download, synthetic=args.synthetic,
+                      out=args.out, seed=args.seed, device=args.device, workers=args.workers,
+                      plain=args.plain, resume=not args.no_resume, progress=not args.no_progress)
 
 
 def _interrupted_message(out: str | os.PathLike | None, resume: bool) -> str:
@@ -146,6 +124,7 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
     from .download import DownloadError
     from .lr_finder import RangeTestError
     from .pipeline import SettingsError, release_unused_run_folder
+    from .recipes import OverrideError
     from .runtime import DeviceError
     from .train import CheckpointError
 
@@ -158,8 +137,8 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
             traceback.print_exc()
         print(f"\n{_interrupted_message(current_out(), resume)}", file=sys.stderr)
         return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
-    except (SettingsError, DataError, DownloadError, DeviceError, CheckpointError, RangeTestError,
-            OSError, torch.cuda.OutOfMemoryError) as err:
+    except (SettingsError, OverrideError, DataError, DownloadError, DeviceError, CheckpointError,
+            RangeTestError, OSError, torch.cuda.OutOfMemoryError) as err:
         if debug:
             traceback.print_exc()
         text = str(err).replace("\n", " ")
@@ -185,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     # Imports after parsing: `--help` and flag errors answer at once, without loading torch.
     from .pipeline import run_recipe
 
-    started: list[RunSettings] = []  # settings once valid: the interrupted message names their folder
+    started: list[Path] = []  # the run folder once the settings are valid: the interrupted message names it
 
     def work() -> None:
-        started.append(settings_from_args(args))
-        run_recipe(started[-1])
+        recipe, options = recipe_from_args(args), options_from_args(args)
+        started.append(options.out_dir(recipe))
+        run_recipe(recipe, options)
 
     debug = args.debug or os.environ.get("HELPERS_DEBUG") == "1"
-    return run_guarded(work, lambda: started[-1].out_dir if started else args.out, not args.no_resume, debug)
+    return run_guarded(work, lambda: started[-1] if started else None, not args.no_resume, debug)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The run as a few plain functions, walked by the CLI, the notebooks and the benchmarks alike:
 
-    settings -> start_run -> load_run_data -> build_run_loaders -> build_run_model
-             -> resolve_max_lr -> train_run -> analyse -> finish_run
+    recipe, options -> start_run -> load_run_data -> build_run_loaders -> build_run_model
+                    -> resolve_max_lr -> train_run -> analyse -> finish_run
 
-`run_recipe(settings)` walks all of them headless and writes metrics.json and the figures.
+`run_recipe(recipe, options)` walks all of them headless and writes metrics.json and the figures.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from .analysis import Predictions, predict, select_misclassified
 from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, load_data, summarize
 from .gradcam import explain_items
 from .lr_finder import LRRangeResult, lr_range_test
-from .models import KUANGLIU_STRIDES, count_parameters, create_model
-from .recipes import ANNEALS, OPTIMIZERS, RECIPES, Recipe, get_recipe
+from .models import count_parameters, create_model
+from .recipes import Recipe, check, differences, override
 from .runtime import (
     Runtime,
     atomic_write,
@@ -57,99 +57,26 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """Everything that chooses a run; the CLI flags and the notebooks' CIFAR_* variables map onto it."""
+class RunOptions:
+    """Where a run reads and writes, and what it runs on: everything a run needs besides its recipe.
 
-    recipe: str
-    data_dir: str | None = "data"
+    The notebooks read them from CIFAR_<NAME> variables (`from_env`), the CLI from its flags.
+    """
+
+    data_dir: str | None = "data"  # an ImageFolder copy, torchvision's files, or where to download
     download: bool = False
-    mirrors: str | None = None  # CIFAR-10 archive URLs (spaces or commas); None: CIFAR10_URLS or built-in
-    synthetic: bool = False
-    epochs: int | None = None
-    batch_size: int | None = None
-    max_lr: float | None = None
-    lr: float | None = None  # tuning runs: ReduceLROnPlateau's starting LR (One Cycle takes max_lr)
-    optimizer: str | None = None  # tuning runs: one of OPTIMIZERS in place of the recipe's
-    lr_finder_iters: int | None = None
-    weight_decay: float | None = None  # tuning runs: replaces the recipe's (see train.build_optimizer)
-    label_smoothing: float | None = None  # tuning runs: replaces the recipe's
-    div_factor: float | None = None  # tuning runs: One Cycle's start LR = max LR / div_factor
-    final_div_factor: float | None = None  # tuning runs: One Cycle's end LR = start LR / final_div_factor
-    anneal: str | None = None  # tuning runs: One Cycle's shape, "linear" or "cos"
-    patience: int | None = None  # tuning runs: epochs ReduceLROnPlateau waits before cutting the LR
-    cutout_p: float | None = None  # tuning runs: how often the cutout hole is applied
-    strides: str | None = None  # tuning runs, ResNets: each stage's first stride, e.g. "1,2,2,1"
-    train_subset: int | None = None
-    test_subset: int | None = None
+    synthetic: bool = False  # made-up images for smoke runs: no data folder needed
     out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
     images_dir: str | None = None  # also save the figures there, as <recipe>_<figure>.png
     seed: int = 0
-    device: str | None = None
-    workers: int | None = None
-    plain: bool = False
-    compile: bool = False
+    device: str | None = None  # cuda, mps or cpu; None: the best this machine has
+    workers: int | None = None  # loader worker processes; None: chosen for the device
+    plain: bool = False  # fp32, NCHW and default loaders, for speed comparisons
     resume: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         """Reject impossible values at once, with one line that says what to pass instead."""
-        if self.recipe.lower() not in RECIPES:
-            raise SettingsError(f"unknown recipe {self.recipe!r}; expected one of {sorted(RECIPES)}")
-        for name in ("epochs", "batch_size", "train_subset", "test_subset"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise SettingsError(f"{name} must be a positive integer, got {value}")
-        if self.lr_finder_iters is not None and self.lr_finder_iters < 2:
-            raise SettingsError(f"lr_finder_iters must be at least 2, got {self.lr_finder_iters}")
-        if self.max_lr is not None:
-            if not (math.isfinite(self.max_lr) and self.max_lr > 0):
-                raise SettingsError(f"max_lr must be a positive finite number, got {self.max_lr}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise SettingsError(f"lr must be a positive finite number, got {self.lr}")
-        recipe = get_recipe(self.recipe)
-        decay = self.weight_decay
-        if decay is not None and not (math.isfinite(decay) and decay >= 0):
-            raise SettingsError(f"weight_decay must be a finite number >= 0, got {decay}")
-        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
-            raise SettingsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.div_factor is not None:
-            if not (math.isfinite(self.div_factor) and self.div_factor > 1):
-                raise SettingsError(f"div_factor must be a finite number > 1, got {self.div_factor}")
-        final_div = self.final_div_factor
-        if final_div is not None and not (math.isfinite(final_div) and final_div >= 1):
-            raise SettingsError(f"final_div_factor must be a finite number >= 1, got {final_div}")
-        if self.anneal is not None and self.anneal not in ANNEALS:
-            raise SettingsError(f"unknown anneal {self.anneal!r}; expected one of {list(ANNEALS)}")
-        if self.patience is not None and self.patience < 0:
-            raise SettingsError(f"patience must be 0 or more epochs, got {self.patience}")
-        if self.cutout_p is not None:
-            if not 0 <= self.cutout_p <= 1:
-                raise SettingsError(f"cutout_p must be in [0, 1], got {self.cutout_p}")
-            if not recipe.augment.cutout_size:
-                raise SettingsError(f"cutout_p: {self.recipe} has no cutout; leave cutout_p unset")
-        if self.strides is not None:
-            if recipe.model != "resnet18":
-                raise SettingsError(f"strides: {self.recipe}'s {recipe.model} has fixed strides; "
-                                    "leave strides unset")
-            parse_strides(self.strides)
-        for name in ("max_lr", "div_factor", "final_div_factor", "anneal"):
-            if getattr(self, name) is not None and recipe.scheduler != "onecycle":
-                raise SettingsError(f"{name} applies to One Cycle recipes only; {self.recipe} "
-                                    "uses ReduceLROnPlateau: pass lr")
-        for name, instead in (("lr", "pass max_lr"), ("patience", "leave patience unset")):
-            if getattr(self, name) is not None and recipe.scheduler != "plateau":
-                raise SettingsError(f"{name} applies to ReduceLROnPlateau recipes only; {self.recipe} "
-                                    f"uses One Cycle: {instead}")
-        if self.optimizer is not None:
-            if self.optimizer not in OPTIMIZERS:
-                raise SettingsError(f"unknown optimizer {self.optimizer!r}; "
-                                    f"expected one of {list(OPTIMIZERS)}")
-            # the recipe's LR was chosen for its own optimizer: another one must bring its own
-            fixed = "lr" if recipe.scheduler == "plateau" else "max_lr" if recipe.onecycle.max_lr else None
-            if self.optimizer != recipe.optimizer and fixed and getattr(self, fixed) is None:
-                value = recipe.lr if fixed == "lr" else recipe.onecycle.max_lr
-                raise SettingsError(f"optimizer {self.optimizer} replaces {recipe.name}'s {recipe.optimizer} "
-                                    f"and its {fixed} {value:g}: pass {fixed} too")
         if not 0 <= self.seed < 2**32:
             raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.workers is not None and self.workers < 0:
@@ -161,73 +88,31 @@ class RunSettings:
         except (KeyError, IndexError, ValueError, AttributeError):  # {x}, {0}, {, {recipe.x}
             raise SettingsError(f"out {self.out!r}: the only placeholder allowed is {{recipe}}") from None
 
-    @property
-    def out_dir(self) -> Path:
+    def out_dir(self, recipe: Recipe) -> Path:
         """The run folder: checkpoints, metrics.json and figures."""
-        return Path((self.out or "runs/{recipe}").format(recipe=self.recipe.lower()))
-
-    def mirror_list(self) -> list[str] | None:
-        """The mirror URLs as a list, or None for the default (CIFAR10_URLS, then built-in)."""
-        return self.mirrors.replace(",", " ").split() if self.mirrors else None
-
-    def recipe_object(self) -> Recipe:
-        """The recipe with this run's overrides (epochs, batch size, optimizer, starting LR, weight
-        decay, label smoothing, One Cycle's div factors and shape, the plateau's patience, cutout's p,
-        a ResNet's strides)."""
-        recipe = get_recipe(self.recipe)
-        cycle_changes = {k: v for k, v in (("div_factor", self.div_factor),
-                                           ("final_div_factor", self.final_div_factor),
-                                           ("anneal", self.anneal)) if v is not None}
-        onecycle = replace(recipe.onecycle, **cycle_changes) if cycle_changes else None
-        plateau = None if self.patience is None else replace(recipe.plateau, patience=self.patience)
-        augment = None if self.cutout_p is None else replace(recipe.augment, cutout_p=self.cutout_p)
-        strides = None if self.strides is None else parse_strides(self.strides)
-        # the default layout stays out of model_kwargs, so its runs and checkpoints match the recipe's
-        model_kwargs = (None if strides in (None, recipe.model_kwargs.get("strides", KUANGLIU_STRIDES))
-                        else recipe.model_kwargs | {"strides": strides})
-        return recipe.with_overrides(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                     optimizer=self.optimizer, model_kwargs=model_kwargs,
-                                     weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
-                                     onecycle=onecycle, plateau=plateau, augment=augment)
-
-    @property
-    def is_full_run(self) -> bool:
-        """True when nothing shortens or changes the assignment: real data, all of it, the recipe as is."""
-        recipe = get_recipe(self.recipe)
-        return (not self.synthetic and self.train_subset is None and self.test_subset is None
-                and self.epochs in (None, recipe.epochs) and self.batch_size in (None, recipe.batch_size)
-                and (not recipe.has_range_test or self.lr_finder_iters in (None, recipe.lr_finder.num_iter))
-                and self.max_lr is None
-                and self.lr in (None, recipe.lr)
-                and self.optimizer in (None, recipe.optimizer)
-                and self.weight_decay in (None, recipe.weight_decay)
-                and self.label_smoothing in (None, recipe.label_smoothing)
-                and self.div_factor in (None, recipe.onecycle.div_factor)
-                and self.final_div_factor in (None, recipe.onecycle.final_div_factor)
-                and self.anneal in (None, recipe.onecycle.anneal)
-                and self.patience in (None, recipe.plateau.patience)
-                and self.cutout_p in (None, recipe.augment.cutout_p)
-                and self.recipe_object().model_kwargs == recipe.model_kwargs)
+        return Path((self.out or "runs/{recipe}").format(recipe=recipe.name))
 
     @classmethod
-    def from_env(cls, recipe: str, env: dict[str, str] | None = None, **defaults: Any) -> RunSettings:
-        """Settings for a notebook: `defaults`, overridden by CIFAR_<FIELD> variables (CIFAR_EPOCHS, ...)."""
+    def from_env(cls, env: dict[str, str] | None = None, **defaults: Any) -> RunOptions:
+        """Options for a notebook: `defaults`, overridden by CIFAR_<NAME> variables (CIFAR_DATA_DIR, ...)."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {"recipe": recipe} | defaults
+        values: dict[str, Any] = dict(defaults)
         for f in fields(cls):
             raw = env.get(f"CIFAR_{f.name.upper()}", "").strip()
-            if f.name != "recipe" and raw:
+            if raw:
                 values[f.name] = _parse(f.name, raw, f.type)
         return cls(**values)
 
 
-def parse_strides(text: str) -> tuple[int, int, int, int]:
-    """'1,2,2,1' as a ResNet's four stage strides, or a one-line error that says what to pass."""
-    parts = text.replace(" ", "").split(",")
-    if len(parts) != 4 or any(p not in ("1", "2") for p in parts):
-        raise SettingsError(f"strides {text!r}: expected four values of 1 or 2, one per stage, "
-                            "such as 1,2,2,1")
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+def recipe_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> Recipe:
+    """The recipe with the overrides in CIFAR_OVERRIDES ("epochs=1 train_subset=256", CI's smoke runs)."""
+    env = os.environ if env is None else env
+    return override(recipe, env.get("CIFAR_OVERRIDES", ""))
+
+
+def is_full_run(recipe: Recipe, options: RunOptions) -> bool:
+    """The assignment's run: its recipe exactly, on real data (a resumed run's checkpoint matched it)."""
+    return not options.synthetic and not differences(recipe)
 
 
 def _parse(name: str, raw: str, kind: str) -> Any:
@@ -239,8 +124,6 @@ def _parse(name: str, raw: str, kind: str) -> Any:
             return raw.lower() in ("1", "true", "yes")
         if kind.startswith("int"):
             return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
         return raw
     except ValueError:
         expected = kind.split(" ")[0]
@@ -252,10 +135,10 @@ def _parse(name: str, raw: str, kind: str) -> Any:
 
 @dataclass
 class Run:
-    """A started run: its settings, recipe, runtime, folder and the checkpoint it resumes (if any)."""
+    """A started run: its recipe, options, runtime, folder and the checkpoint it resumes (if any)."""
 
-    settings: RunSettings
     recipe: Recipe
+    options: RunOptions
     runtime: Runtime
     out: Path
     resume_state: dict[str, Any] | None
@@ -266,35 +149,36 @@ class Run:
         print(message, flush=True)
 
 
-def start_run(settings: RunSettings) -> Run:
-    """Check the environment, pick the runtime and find a checkpoint to resume, before any real work."""
-    recipe = settings.recipe_object()
-    if not settings.synthetic:
-        check_data_dir(settings.data_dir, settings.download)
-    device = pick_device(settings.device)
-    runtime = Runtime.for_device(device, fast=not settings.plain, compile=settings.compile)
-    out = settings.out_dir
+def start_run(recipe: Recipe, options: RunOptions) -> Run:
+    """Check the recipe, the environment and the folders, pick the runtime and find a checkpoint to
+    resume, before any real work."""
+    try:
+        check(recipe)
+        with torch.device("meta"):  # the model's arguments, checked without building its weights
+            create_model(recipe.model, **recipe.model_kwargs)
+    except (ValueError, TypeError) as err:
+        raise SettingsError(str(err)) from None
+    if not options.synthetic:
+        check_data_dir(options.data_dir, options.download)
+    runtime = Runtime.for_device(pick_device(options.device), fast=not options.plain)
+    out = options.out_dir(recipe)
     _check_writable(out)
-    if settings.images_dir:
-        _check_writable(Path(settings.images_dir))
-    state = read_resume_state(out) if settings.resume else None
+    if options.images_dir:
+        _check_writable(Path(options.images_dir))
+    state = read_resume_state(out) if options.resume else None
     if state is not None:
         # What can be checked without the data is checked now, before minutes of loading.
-        early = recipe_signature(recipe) | {"seed": settings.seed}
-        if settings.max_lr is not None:
-            early["max_lr"] = settings.max_lr
-        elif recipe.scheduler != "onecycle":
-            early["max_lr"] = None  # no One Cycle, no peak
-        elif recipe.onecycle.max_lr is not None:
-            early["max_lr"] = recipe.onecycle.max_lr  # a run tuned with another peak must pass it again
+        early = recipe_signature(recipe) | {"seed": options.seed}
+        if recipe.scheduler != "onecycle" or recipe.onecycle.max_lr is not None:
+            early["max_lr"] = recipe.onecycle.max_lr if recipe.scheduler == "onecycle" else None
         check_resumable(state, early, out / "last.pt")
     lock_run_folder(out)
     removed = remove_stale_temporaries(out)  # safe under the lock: no other run writes here
-    seed_everything(settings.seed)
-    run = Run(settings, recipe, runtime, out, state)
+    seed_everything(options.seed)
+    run = Run(recipe, options, runtime, out, state)
     if removed:
         run.say(f"removed {len(removed)} temporary file(s) a killed run left in {out}/")
-    run.say(f"run: {recipe.name}, {runtime.describe()}, seed {settings.seed}, folder {out}/")
+    run.say(f"run: {recipe.name}, {runtime.describe()}, seed {options.seed}, folder {out}/")
     if state is None:
         run.say(f"starting from epoch 0 of {recipe.epochs}")
     elif state["epoch"] >= recipe.epochs:
@@ -314,7 +198,7 @@ def saved_midway(state: dict[str, Any]) -> str:
 
 def run_info(run: Run) -> dict[str, str]:
     """What a reader of the outputs must know: machine, versions, data, recipe, full or shortened, resumed."""
-    s, meta = run.settings, run_metadata(run.runtime)
+    o, meta = run.options, run_metadata(run.runtime)
     state = run.resume_state
     if state is None:
         trained = "starts from scratch in this execution"
@@ -330,15 +214,17 @@ def run_info(run: Run) -> dict[str, str]:
         "versions": f"python {meta['python']}, torch {meta['torch']}, torchvision {meta['torchvision']}, "
                     f"albumentations {meta['albumentations']}",
         "git commit": str(meta["git_commit"]),
-        "data": "synthetic images" if s.synthetic else f"{s.data_dir} (download={s.download}), train "
-                f"subset {s.train_subset or 'all'}, test subset {s.test_subset or 'all'}",
+        "data": "synthetic images" if o.synthetic else f"{o.data_dir} (download={o.download}), train "
+                f"subset {run.recipe.train_subset or 'all'}, test subset {run.recipe.test_subset or 'all'}",
         "recipe": f"{run.recipe.name}: {run.recipe.model} {run.recipe.model_kwargs}, {run.recipe.epochs} "
-                  f"epochs, batch {run.recipe.batch_size}, seed {s.seed}",
-        "run": "full assignment run" if is_full_run(s, (state or {}).get("sessions", [])) else
-               "NOT THE ASSIGNMENT RUN (shortened or changed settings): its numbers are not the results",
+                  f"epochs, batch {run.recipe.batch_size}, seed {o.seed}",
+        "run": "full assignment run" if is_full_run(run.recipe, o) else
+               "NOT THE ASSIGNMENT RUN (changed: " + ", ".join(
+                   f"{k}={v}" for k, v in differences(run.recipe).items()) + ("; synthetic data" if
+               o.synthetic else "") + "): its numbers are not the results",
         "training": trained,
         "outputs": f"checkpoints and metrics in {run.out}/"
-                   + (f", figures in {s.images_dir}/" if s.images_dir else ""),
+                   + (f", figures in {o.images_dir}/" if o.images_dir else ""),
     }
 
 
@@ -415,9 +301,9 @@ def release_unused_run_folder(out: str | os.PathLike) -> bool:
 
 def load_run_data(run: Run) -> tuple[CifarArrays, DataSummary]:
     """The dataset (or its seeded subsets) and its summary; mean and std come from the train set."""
-    s = run.settings
-    data = load_data(s.data_dir, s.download, s.train_subset, s.test_subset, s.seed, s.synthetic,
-                     s.mirror_list(), s.progress)
+    o, recipe = run.options, run.recipe
+    data = load_data(o.data_dir, o.download, recipe.train_subset, recipe.test_subset, o.seed, o.synthetic,
+                     progress=o.progress)
     summary = summarize(data)
     skipped = ", ".join(f"{n} {suffix}" for suffix, n in data.skipped.items())
     run.say(f"data: {data.source}, {len(data.train_labels):,} train / {len(data.test_labels):,} test"
@@ -427,15 +313,15 @@ def load_run_data(run: Run) -> tuple[CifarArrays, DataSummary]:
 
 def build_run_loaders(run: Run, data: CifarArrays, summary: DataSummary) -> tuple[DataLoader, DataLoader]:
     """Train (augmented, seeded shuffle) and test (in order) loaders for the run."""
-    s = run.settings
-    workers = 0 if s.plain and s.workers is None else s.workers
-    return build_loaders(data, run.recipe, summary.mean, summary.std, run.runtime.device, s.seed,
-                         num_workers=workers, fast=not s.plain)
+    o = run.options
+    workers = 0 if o.plain and o.workers is None else o.workers
+    return build_loaders(data, run.recipe, summary.mean, summary.std, run.runtime.device, o.seed,
+                         num_workers=workers, fast=not o.plain)
 
 
 def build_run_model(run: Run) -> nn.Module:
     """The recipe's model, initialised from the run's seed (the same weights whenever it is built)."""
-    seed_everything(run.settings.seed)
+    seed_everything(run.options.seed)
     model = create_model(run.recipe.model, **run.recipe.model_kwargs)
     run.say(f"model: {run.recipe.model} {run.recipe.model_kwargs}, {count_parameters(model):,} parameters")
     return model
@@ -443,10 +329,10 @@ def build_run_model(run: Run) -> nn.Module:
 
 @dataclass
 class MaxLR:
-    """The One Cycle peak and where it came from: the range test, the checkpoint or the settings."""
+    """The One Cycle peak and where it came from: the range test, the checkpoint or the recipe."""
 
     value: float | None
-    # "range test", "saved range test", "checkpoint", "settings", "recipe", "recipe (no One Cycle)"
+    # "range test", "saved range test", "checkpoint", "recipe", "recipe (no One Cycle)"
     source: str
     finder: LRRangeResult | None = None
 
@@ -456,8 +342,8 @@ class MaxLR:
 
 
 def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxLR:
-    """The run's max LR: a resumed run keeps its own; else --max-lr; else the recipe's fixed peak;
-    else the LR range test, saved in the run folder for an execution stopped before its first epoch."""
+    """The run's max LR: a resumed run keeps its own; else the recipe's fixed peak; else the LR range
+    test, saved in the run folder for an execution stopped before its first epoch."""
     if run.recipe.scheduler != "onecycle":
         return MaxLR(None, "recipe (no One Cycle)")
     state = run.resume_state
@@ -466,18 +352,15 @@ def resolve_max_lr(run: Run, model: nn.Module, train_loader: DataLoader) -> MaxL
         result = MaxLR(state["max_lr"], "checkpoint", LRRangeResult(**finder) if finder else None)
         run.say(f"max LR {result.value:.3e} from the checkpoint (no new range test)")
         return result
-    if run.settings.max_lr is not None:
-        return MaxLR(run.settings.max_lr, "settings")
     if run.recipe.onecycle.max_lr is not None:
         return MaxLR(run.recipe.onecycle.max_lr, "recipe")
     saved_path, signature = run.out / RANGE_TEST_FILE, range_test_signature(run, model, train_loader)
-    saved = read_saved_range_test(saved_path, signature) if run.settings.resume else None
+    saved = read_saved_range_test(saved_path, signature) if run.options.resume else None
     if saved is not None:
         run.say(f"max LR {saved.suggested_lr:.3e} from the range test saved in {saved_path} "
                 "(no new range test)")
         return MaxLR(saved.suggested_lr, "saved range test", saved)
-    finder = lr_range_test(model, train_loader, run.recipe, run.runtime, run.settings.lr_finder_iters,
-                           run.settings.progress)
+    finder = lr_range_test(model, train_loader, run.recipe, run.runtime, progress=run.options.progress)
     run.say(f"LR range test: {len(finder.lrs)} steps, minimum at {finder.min_loss_lr:.3e}, "
             f"max LR {finder.suggested_lr:.3e} ({finder.rule})")
     # kept at once: on a CPU the test takes minutes and the first checkpoint comes an epoch later
@@ -498,9 +381,7 @@ def range_test_signature(run: Run, model: nn.Module, train_loader: DataLoader) -
     architecture, and the train data with its augmentations and seed (which also fixes the init)."""
     data = {k: v for k, v in data_signature(train_loader, train_loader).items()
             if not k.startswith("data.test_")}
-    return (recipe_signature(run.recipe) | model_signature(model) | data
-            | {"lr_finder": asdict(run.recipe.lr_finder),
-               "lr_finder_iters": run.settings.lr_finder_iters or run.recipe.lr_finder.num_iter})
+    return recipe_signature(run.recipe) | model_signature(model) | data
 
 
 def read_saved_range_test(path: Path, signature: dict[str, Any]) -> LRRangeResult | None:
@@ -522,10 +403,10 @@ def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader:
     """
     finder = max_lr.finder.as_dict() if max_lr.finder else None
     result = fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
-                 checkpoint_dir=run.out, resume=run.settings.resume, progress=run.settings.progress,
+                 checkpoint_dir=run.out, resume=run.options.resume, progress=run.options.progress,
                  on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
-                 session={"full_run": run.settings.is_full_run, "git_commit": git_commit()})
-    if run.settings.resume:
+                 session={"git_commit": git_commit()})
+    if run.options.resume:
         run.resume_state = read_resume_state(run.out)
     return result
 
@@ -609,19 +490,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def is_full_run(settings: RunSettings, sessions: list[dict[str, Any]]) -> bool:
-    """Whether a run, resumed over `sessions`, is the assignment's: this execution's settings are.
-
-    Resuming already proved that every earlier execution trained with the same recipe, data and
-    seed (the checkpoint's signature, the max LR included: a fixed peak is checked on resume),
-    whatever flags spelled them; what it does not cover is how a range test chose the max LR (its
-    length, or a --max-lr in its place), so a recipe with a range test also needs every execution
-    to have been full when it ran (a short test resumed in full is not).
-    """
-    range_test = settings.recipe_object().has_range_test
-    return settings.is_full_run and (not range_test or all(s.get("full_run") for s in sessions))
-
-
 def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysis,
                max_lr: MaxLR) -> dict[str, Any]:
     """Everything a reader needs to trust the numbers: results, speed, device, versions, settings."""
@@ -632,7 +500,7 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
     test_seconds = sum(r["test_seconds"] for r in history)
     return _finite({
         "recipe": run.recipe.name,
-        "full_run": is_full_run(run.settings, result.sessions),
+        "full_run": is_full_run(run.recipe, run.options),
         "final_test_acc": history[-1]["test_acc"] if history else None,
         "best_test_acc": result.best_acc if history else None,
         "epochs": len(history),
@@ -654,7 +522,8 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
                  "train": int(len(data.train_labels)), "test": int(len(data.test_labels))},
         "runtime": run.runtime.as_dict(),
         "metadata": run_metadata(run.runtime),
-        "settings": asdict(run.settings),
+        "settings": asdict(run.options),
+        "changed": differences(run.recipe),  # the recipe's values that are not the assignment's
         "command": " ".join(["python -m helpers"] + sys.argv[1:]) if "helpers" in sys.argv[0] else None,
         "history": history,
     })
@@ -673,8 +542,8 @@ def finish_run(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
     save_json(run.out / "metrics.json", record)
     for name, fig in figures.items():
         visualize.save_figure(fig, run.out / f"{name}.png")
-        if run.settings.images_dir:
-            visualize.save_figure(fig, Path(run.settings.images_dir) / f"{run.recipe.name}_{name}.png")
+        if run.options.images_dir:
+            visualize.save_figure(fig, Path(run.options.images_dir) / f"{run.recipe.name}_{name}.png")
     if record["final_test_acc"] is not None:
         run.say(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
                 f"{100 * record['best_test_acc']:.2f}%); wrote {run.out}/metrics.json and "
@@ -682,23 +551,24 @@ def finish_run(run: Run, data: CifarArrays, result: FitResult, analysis: Analysi
     return record
 
 
-def run_recipe(settings: RunSettings) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
     """The whole run headless: every step above, then metrics.json and the figures in the run folder."""
-    run = start_run(settings)
+    run = start_run(recipe, options)
     data, summary = load_run_data(run)
     train_loader, test_loader = build_run_loaders(run, data, summary)
     model = build_run_model(run)
     figures = data_figures(data, summary, train_loader)
     max_lr = resolve_max_lr(run, model, train_loader)
     result = train_run(run, model, train_loader, test_loader, max_lr)
-    analysis = analyse(model, test_loader, run.recipe, run.runtime, settings.progress)
+    analysis = analyse(model, test_loader, run.recipe, run.runtime, options.progress)
     figures |= result_figures(data, result, analysis, max_lr, run.recipe)
     return finish_run(run, data, result, analysis, max_lr, figures)
 
 
 __all__ = [
-    "Analysis", "CheckpointError", "MaxLR", "Run", "RunSettings", "SettingsError", "analyse",
+    "Analysis", "CheckpointError", "MaxLR", "Run", "RunOptions", "SettingsError", "analyse",
     "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run",
     "format_epoch", "load_run_data", "lock_run_folder", "release_unused_run_folder", "resolve_max_lr",
-    "result_figures", "run_record", "run_recipe", "save_json", "start_run", "train_run",
+    "is_full_run", "recipe_from_env", "result_figures", "run_record", "run_recipe", "save_json", "start_run",
+    "train_run",
 ]

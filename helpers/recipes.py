@@ -1,14 +1,21 @@
-"""The assignments as data: every value a recipe sets lives here, read by notebook, CLI and tests."""
+"""The assignments as data: every value a recipe sets lives here, read by notebook, CLI and tests.
+
+A run is the assignment's exactly when its recipe equals the assignment's; `override` makes a
+tuning or smoke variant from "key=value" text (the CLI's flags and the notebooks' CIFAR_OVERRIDES).
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import math
+import types
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 Optimizer = Literal["adam", "adamw", "sgd"]
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)  # the names the CLI and the settings accept
-Anneal = Literal["linear", "cos"]
-ANNEALS: tuple[str, ...] = get_args(Anneal)  # One Cycle's shapes, as torch's OneCycleLR names them
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+Anneal = Literal["linear", "cos"]  # One Cycle's shapes, as torch's OneCycleLR names them
 
 
 @dataclass(frozen=True)
@@ -75,11 +82,11 @@ class Recipe:
     epochs: int
     batch_size: int
     optimizer: Optimizer
-    lr: float  # plateau: the starting LR; One Cycle: unused (OneCycleLR sets every step's LR)
     weight_decay: float
     scheduler: Literal["onecycle", "plateau"]
     augment: Augment
     gradcam_layer: str  # dotted module name, chosen for a map of at least 8x8
+    lr: float | None = None  # ReduceLROnPlateau's starting LR; One Cycle sets every step's LR itself
     momentum: float = 0.9
     nesterov: bool = True
     label_smoothing: float = 0.0
@@ -87,11 +94,8 @@ class Recipe:
     plateau: Plateau = field(default_factory=Plateau)
     lr_finder: LRFinder = field(default_factory=LRFinder)
     num_misclassified: int = 20
-
-    @property
-    def has_range_test(self) -> bool:
-        """True when the LR range test chooses One Cycle's peak (no fixed max LR)."""
-        return self.scheduler == "onecycle" and self.onecycle.max_lr is None
+    train_subset: int | None = None  # a seeded subset of the training images (smoke and proxy runs)
+    test_subset: int | None = None
 
     def with_overrides(self, **changes: Any) -> Recipe:
         """Return a copy with some fields replaced (None values are ignored)."""
@@ -105,7 +109,6 @@ S10 = Recipe(
     epochs=24,
     batch_size=512,
     optimizer="adam",
-    lr=1e-2,
     weight_decay=1e-4,  # decoupled from the norm and bias parameters (see train.parameter_groups)
     scheduler="onecycle",
     augment=Augment(crop_padding=4, hflip_p=0.5, cutout_size=8),
@@ -146,7 +149,6 @@ S9 = Recipe(
     epochs=30,
     batch_size=256,
     optimizer="sgd",
-    lr=0.1,  # unused: One Cycle sets every step's LR from max_lr below
     weight_decay=5e-4,
     scheduler="onecycle",
     # flip, shift-scale-rotate (as one Affine), one 16x16 hole of the mean, each half of the time
@@ -165,4 +167,104 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}") from None
+        raise OverrideError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}") from None
+
+
+class OverrideError(ValueError):
+    """A recipe value that cannot be: an unknown key, a wrong type or a value out of range."""
+
+
+def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
+    """A copy of `recipe` with "key=value" assignments applied: "epochs=2 augment.cutout_p=0.5".
+
+    Values are read as their field's type; dicts and tuples as Python literals, e.g.
+    model_kwargs="{'norm': 'ln', 'zero_init_residual': True, 'strides': (1, 2, 2, 1)}".
+    """
+    for assignment in assignments.split() if isinstance(assignments, str) else assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise OverrideError(f"{assignment!r}: expected KEY=VALUE, such as epochs=2")
+        recipe = _set(recipe, key.strip().split("."), text.strip(), key.strip())
+    check(recipe)
+    return recipe
+
+
+def _set(settings: Any, path: list[str], text: str, key: str) -> Any:
+    """`settings` (a recipe or one of its parts) with the field at `path` set from `text`."""
+    names = [f.name for f in dataclasses.fields(settings)]
+    if isinstance(settings, Recipe) and path[0] in ("name", "model", "scheduler"):
+        raise OverrideError(f"{key}: a recipe's {path[0]} is what makes it that recipe; choose another")
+    if path[0] not in names:
+        raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(names)}")
+    current = getattr(settings, path[0])
+    if len(path) > 1:
+        value = _set(current, path[1:], text, key) if dataclasses.is_dataclass(current) else None
+        if value is None:
+            raise OverrideError(f"{key}: {path[0]} has no parts; set it whole")
+    else:
+        value = _parse(text, get_type_hints(type(settings))[path[0]], key)
+    return replace(settings, **{path[0]: value})
+
+
+def _parse(text: str, kind: Any, key: str) -> Any:
+    """`text` as a value of the type `kind`, or a one-line OverrideError that says what was expected."""
+    options = get_args(kind)
+    if get_origin(kind) in (Union, types.UnionType):  # "X | None"
+        if text.lower() == "none":
+            return None
+        kind = next(option for option in options if option is not type(None))
+        options = get_args(kind)
+    if get_origin(kind) is Literal:
+        if text not in options:
+            raise OverrideError(f"{key}={text}: expected one of {', '.join(options)}")
+        return text
+    try:
+        if kind is bool:
+            return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+        if kind in (int, float, str):
+            return kind(text)
+        value = ast.literal_eval(text)
+        if not isinstance(value, get_origin(kind) or kind):
+            raise ValueError
+        return value
+    except (KeyError, ValueError, SyntaxError):
+        name = getattr(get_origin(kind) or kind, "__name__", str(kind))
+        raise OverrideError(f"{key}={text}: expected {name}") from None
+
+
+def check(recipe: Recipe) -> None:
+    """Refuse values no run can use, with one line that names the key and the allowed range."""
+    def at_least(low: float, above: bool = False) -> Any:
+        return lambda x: x is None or (math.isfinite(x) and (x > low if above else x >= low))
+
+    rules = {"epochs": (at_least(1), ">= 1"), "batch_size": (at_least(1), ">= 1"),
+             "train_subset": (at_least(1), ">= 1"), "test_subset": (at_least(1), ">= 1"),
+             "lr": (at_least(0, above=True), "> 0"), "weight_decay": (at_least(0), ">= 0"),
+             "label_smoothing": (lambda x: 0 <= x < 1, "in [0, 1)"),
+             "augment.cutout_p": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+             "onecycle.max_lr": (at_least(0, above=True), "> 0"),
+             "onecycle.div_factor": (at_least(1, above=True), "> 1"),
+             "onecycle.final_div_factor": (at_least(1), ">= 1"),
+             "plateau.patience": (at_least(0), ">= 0"), "lr_finder.num_iter": (at_least(2), ">= 2")}
+    for key, (ok, expected) in rules.items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise OverrideError(f"{key} must be {expected}, got {value}")
+    # the schedule a recipe does not use must stay as it is: a change there would do nothing
+    unused = ("onecycle", OneCycle()) if recipe.scheduler == "plateau" else ("plateau", Plateau())
+    if getattr(recipe, unused[0]) != unused[1] or (recipe.scheduler == "plateau") != (recipe.lr is not None):
+        raise OverrideError(f"{recipe.name} uses {recipe.scheduler}: set lr and plateau.* for "
+                            "ReduceLROnPlateau, onecycle.* for One Cycle")
+
+
+def differences(recipe: Recipe) -> dict[str, Any]:
+    """The values where `recipe` differs from the assignment of its name, as dotted keys."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if not dataclasses.is_dataclass(value):
+            return {prefix: value}
+        return {k: v for f in dataclasses.fields(value)
+                for k, v in flat(getattr(value, f.name), f"{prefix}{f.name}.").items()}
+    mine, assignment = flat(recipe), flat(get_recipe(recipe.name))
+    return {key.rstrip("."): value for key, value in mine.items() if assignment.get(key) != value}

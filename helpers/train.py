@@ -41,10 +41,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer (Adam, AdamW or SGD+Nesterov) at `lr` (default: the recipe's)."""
+    """The recipe's optimizer (Adam, AdamW or SGD+Nesterov) at `lr`, by default the recipe's starting
+    LR; a One Cycle recipe has none (its scheduler sets every step's LR), so pass its peak."""
     groups = parameter_groups(model, recipe.weight_decay)
     lr = recipe.lr if lr is None else lr
-    if not (math.isfinite(lr) and lr > 0):
+    if lr is None or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"learning rate must be a positive finite number, got {lr}")
     if recipe.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
@@ -258,8 +259,8 @@ def _field_defaults(cls, prefix: str = "") -> dict[str, Any]:
     return defaults
 
 
-# Analysis settings and the range test's own settings do not change what training does.
-NOT_TRAINING = ("recipe.num_misclassified", "recipe.gradcam_layer", "recipe.lr_finder.")
+# Analysis settings do not change what training does. The range test's do (it picks the max LR).
+NOT_TRAINING = ("recipe.num_misclassified", "recipe.gradcam_layer")
 
 
 def recipe_signature(recipe: Recipe) -> dict[str, Any]:
@@ -396,7 +397,7 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         train_loader.sampler.set_epoch(train_loader.sampler.epoch)
     steps_per_epoch = len(train_loader)
     model = runtime.prepare(model)
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, max_lr if recipe.scheduler == "onecycle" else None)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, max_lr)
     scaler = runtime.scaler()
     criterion = build_criterion(recipe)

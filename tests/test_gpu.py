@@ -25,7 +25,7 @@ def short_run(recipe: str, out) -> list[str]:
     """Three epochs on 4,096 images (real ones when CIFAR_DATA_DIR names a copy) on the GPU."""
     real = os.environ.get("CIFAR_DATA_DIR")
     data = ["--data-dir", real] if real else ["--synthetic"]
-    range_test = ["--lr-finder-iters", "20"] if recipe == "s10" else []
+    range_test = ["--lr-finder.num-iter", "20"] if recipe == "s10" else []
     return [sys.executable, "-m", "helpers", "train", "--recipe", recipe, *data, *range_test,
             "--epochs", "3", "--train-subset", "4096", "--test-subset", "1024", "--device", "cuda",
             "--no-progress", "--out", str(out)]

@@ -11,55 +11,40 @@ from dataclasses import replace
 import pytest
 
 from helpers import pipeline
-from helpers.pipeline import RunSettings, SettingsError, save_json, start_run
-from helpers.recipes import S8
+from helpers.pipeline import RunOptions, SettingsError, recipe_from_env, save_json, start_run
+from helpers.recipes import S8, S9, S10, OverrideError, differences, override
 
 
-def test_notebook_settings_come_from_defaults_then_the_environment():
-    env = {"CIFAR_EPOCHS": "3", "CIFAR_RESUME": "0", "CIFAR_MAX_LR": "0.02", "CIFAR_OUT": "x/{recipe}",
-           "CIFAR_DATA_DIR": " ", "CIFAR_UNRELATED": "1", "CIFAR_DIV_FACTOR": "50"}
-    settings = RunSettings.from_env("s10", env, data_dir="data", download=True)
-    assert (settings.epochs, settings.resume, settings.max_lr, settings.download) == (3, False, 0.02, True)
-    assert settings.div_factor == 50.0 and settings.recipe_object().onecycle.div_factor == 50.0
-    assert settings.data_dir == "data" and str(settings.out_dir) == "x/s10"  # blank values are unset
-    assert not settings.is_full_run and RunSettings.from_env("s10", {}).is_full_run
+def test_notebook_options_come_from_defaults_then_the_environment():
+    env = {"CIFAR_RESUME": "0", "CIFAR_OUT": "x/{recipe}", "CIFAR_DATA_DIR": " ", "CIFAR_SEED": "3",
+           "CIFAR_UNRELATED": "1"}
+    options = RunOptions.from_env(env, data_dir="data", download=True)
+    assert (options.resume, options.seed, options.download) == (False, 3, True)
+    assert options.data_dir == "data" and str(options.out_dir(S10)) == "x/s10"  # blank values are unset
 
 
-def test_a_notebook_can_set_the_plateau_recipes_starting_lr():
-    settings = RunSettings.from_env("s8", {"CIFAR_LR": "0.02"})
-    assert settings.recipe_object().lr == 0.02 and not settings.is_full_run
-    assert RunSettings.from_env("s8", {"CIFAR_LR": str(S8.lr)}).is_full_run, "the recipe's own LR"
+def test_a_run_is_the_assignments_exactly_when_its_recipe_is():
+    smoke = recipe_from_env(S10, {"CIFAR_OVERRIDES": "epochs=1 train_subset=256 lr_finder.num_iter=6"})
+    assert differences(smoke) == {"epochs": 1, "train_subset": 256, "lr_finder.num_iter": 6}
+    assert not pipeline.is_full_run(smoke, RunOptions())
+    assert pipeline.is_full_run(recipe_from_env(S10, {}), RunOptions())
+    assert pipeline.is_full_run(override(S8, f"lr={S8.lr}"), RunOptions()), "the recipe's own value"
+    assert not pipeline.is_full_run(S8, RunOptions(synthetic=True)), "made-up images are no result"
 
 
-def test_strides_change_the_model_kwargs_only_when_they_differ_from_the_recipe():
-    late = RunSettings.from_env("s8", {"CIFAR_STRIDES": "1, 2, 2, 1"})
-    assert late.recipe_object().model_kwargs == {"norm": "ln", "zero_init_residual": True,
-                                                 "strides": (1, 2, 2, 1)}
-    assert not late.is_full_run
-    usual = RunSettings.from_env("s8", {"CIFAR_STRIDES": "1,2,2,2"})
-    assert usual.recipe_object() == RunSettings("s8").recipe_object() and usual.is_full_run
+@pytest.mark.parametrize("assignment", ["epochs=two", "epoch=2", "optimizer=rmsprop", "epochs=0",
+                                        "label_smoothing=1", "weight_decay=nan", "lr=0.1", "name=s9",
+                                        "augment.cutout_p=1.5", "epochs", "model_kwargs=(1, 2)"])
+def test_an_override_of_an_unknown_key_a_wrong_type_or_a_value_out_of_range_is_refused(assignment):
+    with pytest.raises(OverrideError):
+        override(S10, assignment)
 
 
-def test_a_resumed_run_is_full_when_its_settings_are_and_its_range_test_was():
-    launched_with_flags, full = {"full_run": False}, {"full_run": True}
-    # S8 has no range test: the resume signature already proved the earlier training identical
-    assert pipeline.is_full_run(RunSettings("s8"), [launched_with_flags, full])
-    assert not pipeline.is_full_run(RunSettings("s8", patience=1), [full, full])
-    # S10's max LR comes from a range test whose length the signature does not cover
-    assert not pipeline.is_full_run(RunSettings("s10"), [launched_with_flags, full])
-    assert pipeline.is_full_run(RunSettings("s10"), [full, full])
-
-
-@pytest.mark.parametrize("env, message", [
-    ({"CIFAR_EPOCHS": "two"}, "CIFAR_EPOCHS='two' is not a valid int"),
-    ({"CIFAR_RESUME": "maybe"}, "CIFAR_RESUME='maybe' is not a valid bool"),
-    ({"CIFAR_MAX_LR": "-1"}, "max_lr must be a positive finite number"),
-    ({"CIFAR_WEIGHT_DECAY": "1e-4x"}, "CIFAR_WEIGHT_DECAY='1e-4x' is not a valid float"),
-    ({"CIFAR_LABEL_SMOOTHING": "-0.1"}, r"label_smoothing must be in \[0, 1\), got -0.1"),
-])
-def test_bad_environment_values_are_one_line_errors(env, message):
-    with pytest.raises(SettingsError, match=message):
-        RunSettings.from_env("s10", env)
+@pytest.mark.parametrize("env", [{"CIFAR_RESUME": "maybe"}, {"CIFAR_SEED": "x"}, {"CIFAR_SEED": "-1"}])
+def test_bad_environment_values_are_one_line_errors(env):
+    with pytest.raises(SettingsError) as refused:
+        RunOptions.from_env(env)
+    assert "\n" not in str(refused.value)
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path):
@@ -76,15 +61,15 @@ def test_a_run_folder_holds_one_process_at_a_time_and_a_killed_holder_frees_it(t
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        settings = RunSettings(recipe="s9", synthetic=True, out=str(out), progress=False)
+        options = RunOptions(synthetic=True, out=str(out), progress=False)
         with pytest.raises(SettingsError, match=f"in use by another run \\(pid {holder.pid}\\)"):
-            start_run(settings)
+            start_run(S9, options)
         assert sorted(os.listdir(out)) == [".lock"]  # refused before anything was written
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    start_run(settings)  # the kill released the lock: nothing stale to clean by hand
-    start_run(settings)  # and this process may start again (a notebook executed twice)
+    start_run(S9, options)  # the kill released the lock: nothing stale to clean by hand
+    start_run(S9, options)  # and this process may start again (a notebook executed twice)
 
 
 def test_a_run_folder_left_holding_only_its_lock_is_released_and_removed_if_the_run_made_it(tmp_path):
@@ -103,9 +88,8 @@ def test_a_run_folder_left_holding_only_its_lock_is_released_and_removed_if_the_
 
 
 def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it(tmp_path, monkeypatch):
-    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=32, train_subset=64,
-                           test_subset=40, lr_finder_iters=5, out=str(tmp_path / "s10"), progress=False)
-    run = start_run(settings)
+    recipe = override(S10, "epochs=1 batch_size=32 train_subset=64 test_subset=40 lr_finder.num_iter=5")
+    run = start_run(recipe, RunOptions(synthetic=True, out=str(tmp_path / "s10"), progress=False))
     data, summary = pipeline.load_run_data(run)
     train_loader, test_loader = pipeline.build_run_loaders(run, data, summary)
     model = pipeline.build_run_model(run)
@@ -124,16 +108,17 @@ def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it
 
 
 def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
-    def resolve(settings):
+    recipe = override(S10, "epochs=1 batch_size=16 train_subset=32 test_subset=16 lr_finder.num_iter=4")
+
+    def resolve(options):
         """Execute the notebook's cells up to the max LR, as a fresh process would."""
-        run = start_run(settings)
+        run = start_run(recipe, options)
         data, summary = pipeline.load_run_data(run)
         train_loader, _ = pipeline.build_run_loaders(run, data, summary)
         assert run.resume_state is None  # stopped before the first epoch: no last.pt
         return pipeline.resolve_max_lr(run, pipeline.build_run_model(run), train_loader)
 
-    settings = RunSettings(recipe="s10", synthetic=True, epochs=1, batch_size=16, train_subset=32,
-                           test_subset=16, lr_finder_iters=4, out=str(tmp_path / "s10"), progress=False)
+    settings = RunOptions(synthetic=True, out=str(tmp_path / "s10"), progress=False)
     first = resolve(settings)
     real_test, calls = pipeline.lr_range_test, []
     monkeypatch.setattr(pipeline, "lr_range_test", lambda *a, **k: calls.append(1) or real_test(*a, **k))
@@ -141,7 +126,7 @@ def test_a_range_test_is_kept_for_an_execution_stopped_before_its_first_checkpoi
     assert (first.source, again.source) == ("range test", "saved range test") and calls == []
     assert (again.value, again.finder.losses) == (first.value, first.finder.losses)
     assert resolve(replace(settings, seed=1)).source == "range test"  # another init: tested again
-    run = start_run(replace(settings, seed=1))
+    run = start_run(recipe, replace(settings, seed=1))
     data, summary = pipeline.load_run_data(run)
     loader, _ = pipeline.build_run_loaders(run, data, summary)
     assert pipeline.range_test_signature(run, pipeline.build_run_model(run), loader)["seed"] == 1

@@ -32,7 +32,7 @@ def test_fit_learns_a_separable_problem():
 def one_cycle_lrs(epochs=24, steps=10, max_lr=0.1, recipe=S10):
     """The LR of every step of the S10 schedule (or of `recipe`'s)."""
     recipe = recipe.with_overrides(epochs=epochs)
-    optimizer = train.build_optimizer(nn.Linear(2, 2), recipe)
+    optimizer = train.build_optimizer(nn.Linear(2, 2), recipe, max_lr)
     scheduler = train.build_scheduler(optimizer, recipe, steps, max_lr)
     lrs = []
     for _ in range(epochs * steps):
@@ -57,7 +57,7 @@ def test_one_cycle_peaks_at_the_end_of_epoch_5_of_24_without_annihilation():
 @pytest.mark.parametrize("anneal", ["linear", "cos"])
 def test_the_setup_names_the_anneal_strategy_the_scheduler_uses(anneal):
     recipe = S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal=anneal))
-    optimizer = train.build_optimizer(nn.Linear(2, 2), recipe)
+    optimizer = train.build_optimizer(nn.Linear(2, 2), recipe, 0.1)
     scheduler = train.build_scheduler(optimizer, recipe, 10, 0.1)
     setup = train.describe_setup(optimizer, scheduler, train.build_criterion(recipe), 10)
     end_lr = 0.1 / recipe.onecycle.div_factor / recipe.onecycle.final_div_factor
@@ -457,7 +457,7 @@ def test_resume_from_a_run_without_loss_scaling_into_one_with_it(tmp_path):
 
 
 def test_one_cycle_refuses_a_missing_or_non_positive_max_lr():
-    optimizer = train.build_optimizer(nn.Linear(2, 2), S10)
+    optimizer = train.build_optimizer(nn.Linear(2, 2), S10, 0.1)
     for bad in (None, 0.0, -0.01, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive finite max_lr"):
             train.build_scheduler(optimizer, S10, 10, bad)

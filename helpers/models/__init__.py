@@ -8,7 +8,7 @@ from torch import nn
 
 from .custom_resnet import CustomResNet
 from .dilated_dwsep_net import DilatedDWSepNet
-from .resnet import KUANGLIU_STRIDES, NORMS, ResNet18, make_norm
+from .resnet import NORMS, ResNet18, make_norm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "custom_resnet": CustomResNet,
@@ -32,6 +32,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "KUANGLIU_STRIDES", "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18",
+    "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18",
     "count_parameters", "create_model", "make_norm",
 ]

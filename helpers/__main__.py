@@ -97,7 +97,6 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 
 def _interrupted_message(out: str | os.PathLike | None, resume: bool) -> str:
     """Where an interrupted run stands and how to go on ("interrupted" alone when no run had started)."""
-    from .pipeline import saved_midway
     from .train import read_resume_state
 
     if out is None:
@@ -106,8 +105,7 @@ def _interrupted_message(out: str | os.PathLike | None, resume: bool) -> str:
         state = read_resume_state(out)
     except Exception:  # a message, not a second error
         state = None
-    saved = (f"epoch {state['epoch']}{saved_midway(state)} is saved in {out}/last.pt" if state
-             else "no epoch was saved yet")
+    saved = f"epoch {state['epoch']} is saved in {out}/last.pt" if state else "no epoch was saved yet"
     how = "run the same command to resume" if resume else "run it without --no-resume to resume"
     return f"interrupted; {saved}; {how}"
 
@@ -132,11 +130,11 @@ def run_guarded(work: Callable[[], None], current_out: Callable[[], str | os.Pat
     try:
         work()
         finished = True
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
         print(f"\n{_interrupted_message(current_out(), resume)}", file=sys.stderr)
-        return 128 + getattr(stop, "signum", signal.SIGINT)  # the shell's convention: 130, or 143 for SIGTERM
+        return 128 + signal.SIGINT  # the shell's convention for a stop by Ctrl-C
     except (SettingsError, OverrideError, DataError, DownloadError, DeviceError, CheckpointError,
             RangeTestError, OSError, torch.cuda.OutOfMemoryError) as err:
         if debug:

@@ -391,20 +391,18 @@ class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch from (seed, epoch), so a resumed run keeps the same order."""
 
     def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+        self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the permutation of this epoch, from position `start` (an epoch resumed midway)."""
-        if not 0 <= start <= self.size:
-            raise ValueError(f"start must be in [0, {self.size}], got {start}")
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of this epoch."""
+        self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(shuffle_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.size
 
 
 def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:

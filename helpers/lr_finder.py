@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .recipes import Recipe
 from .runtime import FP32_CPU, Runtime
-from .train import build_criterion, build_optimizer, optimizer_step
+from .train import build_criterion, build_optimizer
 
 
 def rule(fraction: float) -> str:
@@ -72,7 +72,10 @@ def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime:
             images, labels = runtime.to_device(*next(batches))
             with runtime.autocast():
                 loss = criterion(model(images), labels)
-            optimizer_step(loss, optimizer, scaler)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             value = loss.item()  # the sweep needs every loss on the host anyway
             average = settings.smooth * value + (1 - settings.smooth) * average
             current = average / (1 - (1 - settings.smooth) ** (i + 1))

@@ -41,6 +41,7 @@ from .runtime import (
     seed_everything,
 )
 from .train import (
+    Checkpoint,
     CheckpointError,
     FitResult,
     check_resumable,
@@ -185,15 +186,8 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
         run.say(f"run already finished ({state['epoch']} of {recipe.epochs} epochs in {out}/last.pt):"
                 " nothing to train; loading its weights for the analysis")
     else:
-        run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs}{saved_midway(state)} "
-                f"({out}/last.pt)")
+        run.say(f"resuming from epoch {state['epoch']} of {recipe.epochs} ({out}/last.pt)")
     return run
-
-
-def saved_midway(state: dict[str, Any]) -> str:
-    """How far a checkpoint saved inside an epoch got into it ("" for one saved at an epoch's end)."""
-    partial = state.get("partial")
-    return f", {partial['images']:,} images into epoch {state['epoch'] + 1}" if partial else ""
 
 
 def run_info(run: Run) -> dict[str, str]:
@@ -206,7 +200,7 @@ def run_info(run: Run) -> dict[str, str]:
         earlier = ", ".join(f"from epoch {x['from_epoch']} on {x['runtime']} ({x.get('machine', '?')}, "
                             f"{x['time_utc']})" for x in state.get("sessions", []))
         seconds = sum(r["train_seconds"] + r["test_seconds"] for r in state["history"])
-        trained = (f"RESUMED: {state['epoch']} of {run.recipe.epochs} epochs{saved_midway(state)} were "
+        trained = (f"RESUMED: {state['epoch']} of {run.recipe.epochs} epochs were "
                    f"trained in earlier executions ({earlier}; {seconds / 60:.0f} min of training)")
     return {
         "time (UTC)": meta["time_utc"], "device": f"{meta['device_name']} ({run.runtime.describe()})",
@@ -402,10 +396,10 @@ def train_run(run: Run, model: nn.Module, train_loader: DataLoader, test_loader:
     (the range test, training) reuses it instead of testing LRs on trained weights or training twice.
     """
     finder = max_lr.finder.as_dict() if max_lr.finder else None
-    result = fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value,
-                 checkpoint_dir=run.out, resume=run.options.resume, progress=run.options.progress,
-                 on_epoch_end=lambda row: run.say(format_epoch(row)), lr_finder=finder,
-                 session={"git_commit": git_commit()})
+    checkpoint = Checkpoint(run.out, run.options.resume, keep={"max_lr": max_lr.value, "lr_finder": finder},
+                            session={"git_commit": git_commit()})
+    result = fit(model, train_loader, test_loader, run.recipe, run.runtime, max_lr.value, checkpoint,
+                 run.options.progress, on_epoch_end=lambda row: run.say(format_epoch(row)))
     if run.options.resume:
         run.resume_state = read_resume_state(run.out)
     return result

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .dataset import EpochShuffleSampler
 from .recipes import OPTIMIZERS, Recipe
 from .runtime import FP32_CPU, Runtime, atomic_write, device_name, peak_memory_gib
 
@@ -99,76 +98,46 @@ def is_per_batch(scheduler) -> bool:
 # ----------------------------------------------------------------------------- epoch loops
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler) -> bool:
-    """Backward and update through the loss scaler (a pass-through when it is disabled).
-
-    Returns False when the scaler skipped the update: fp16 gradients with an inf or NaN, which
-    it answers by halving its scale (the first few steps of a run usually do).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    stepped: list[bool] = []  # a hook, not a read of the scale: no extra wait for the GPU
-    hook = optimizer.register_step_post_hook(lambda *args: stepped.append(True))
-    scaler.step(optimizer)  # calls optimizer.step only when the gradients are finite
-    hook.remove()
-    scaler.update()
-    return bool(stepped)
-
-
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     runtime: Runtime = FP32_CPU, scheduler=None,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
-                    desc: str = "train", partial: dict[str, float] | None = None,
-                    save_partial: Callable[[dict[str, float]], None] | None = None,
-                    save_every_s: float = math.inf,
-                    stop_signals: list[int] | None = None) -> dict[str, float]:
+                    desc: str = "train") -> dict[str, float]:
     """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR.
 
-    `partial` is the progress an earlier execution made in this epoch (the loader then holds only
-    the images it had not seen); `save_partial` receives the progress every `save_every_s` seconds,
-    and once more before `TrainingStopped` when a signal lands in `stop_signals`.
+    `scheduler` is stepped after every update (One Cycle); an update the fp16 loss scaler skips
+    (gradients with an inf or NaN, as the first steps of a run often have) does not use up an LR.
     """
     model.train()
     scaler = scaler or runtime.scaler()
-    partial = partial or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0,
-                          "lr": optimizer.param_groups[0]["lr"]}
-    loss_sum = torch.tensor(float(partial["loss_sum"]), device=runtime.device)
-    correct = torch.tensor(int(partial["correct"]), device=runtime.device, dtype=torch.long)
-    seen, lr = int(partial["images"]), partial["lr"]
-    start = last_save = time.perf_counter()
-    start -= partial["seconds"]
-
-    def progress_so_far() -> dict[str, float]:
-        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "images": seen,
-                "seconds": time.perf_counter() - start, "lr": lr}
-
+    loss_sum = torch.zeros((), device=runtime.device)  # sums stay on the device: reading them back
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)  # every batch stalls a GPU
+    seen, lr, start = 0, optimizer.param_groups[0]["lr"], time.perf_counter()
+    stepped: list[bool] = []  # a hook, not a read of the scale: no extra wait for the GPU
+    hook = optimizer.register_step_post_hook(lambda *args: stepped.append(True))
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar):
-        images, labels = runtime.to_device(images, labels)
-        with runtime.autocast():
-            logits = model(images)
-            loss = criterion(logits, labels)
-        stepped = optimizer_step(loss, optimizer, scaler)
-        lr = optimizer.param_groups[0]["lr"]  # the LR this batch used, before the schedule moves
-        if scheduler is not None and stepped:  # a skipped update does not use up a scheduled LR
-            scheduler.step()
-        # Sums stay on the device: reading them back every batch would stall the GPU.
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if save_partial is not None and time.perf_counter() - last_save >= save_every_s:
-            save_partial(progress_so_far())
-            last_save = time.perf_counter()
-        if stop_signals and save_partial is not None:  # checked before fetching the next batch
-            save_partial(progress_so_far())
-            raise TrainingStopped(stop_signals[0])
-    done = progress_so_far()
-    return {"loss": done["loss_sum"] / max(seen, 1), "acc": done["correct"] / max(seen, 1),
-            "seconds": done["seconds"], "images": seen, "lr": lr}
+    try:
+        for step, (images, labels) in enumerate(bar):
+            images, labels = runtime.to_device(images, labels)
+            with runtime.autocast():
+                logits = model(images)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            stepped.clear()
+            scaler.step(optimizer)  # calls optimizer.step only when the gradients are finite
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]  # the LR this batch used, before the schedule moves
+            if scheduler is not None and stepped:
+                scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", lr=f"{lr:.2e}")
+    finally:
+        hook.remove()
+    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1),
+            "seconds": time.perf_counter() - start, "images": seen, "lr": lr}
 
 
 @torch.no_grad()
@@ -210,7 +179,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise CheckpointError(
             f"could not write checkpoint {str(path)!r}: {cause} ({free / 2**30:.1f} GiB free); "
             f"free space or fix the folder, then run the same command to resume from the end of epoch "
-            f"{state['epoch'] - (0 if state.get('partial') else 1)} or a later save") from err
+            f"{state['epoch'] - 1} or a later save") from err
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
@@ -326,46 +295,88 @@ def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str |
 
 # ----------------------------------------------------------------------------- fit
 
-# A CPU epoch takes 3-45 minutes (S9 to S8 on 2 cores); a killed run loses at most this much.
-SAVE_EVERY_S = 600.0
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """A stop asked for by SIGINT or SIGTERM, raised once the progress so far is saved."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
 
 @contextmanager
-def save_then_stop_on_signals(enabled: bool = True) -> Iterator[list[int]]:
-    """While inside, SIGINT and SIGTERM are appended to the yielded list instead of stopping at once.
-
-    The training loop saves and raises `TrainingStopped` when it sees one; a second signal stops at
-    once (KeyboardInterrupt). A signal the process ignores stays ignored (SIGINT in a background
-    job). Off the main thread, where handlers cannot be set, or when not enabled, nothing changes.
-    """
-    received: list[int] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield received
+def stop_between_batches() -> Iterator[list[int]]:
+    """While inside, Ctrl-C (SIGINT) asks the loops to stop before their next batch (see `Stoppable`)
+    instead of interrupting wherever the main thread is: a DataLoader interrupted inside its own
+    bookkeeping fails at its next use (its persistent workers), so a notebook cell run again after
+    a stop would fail too. A second Ctrl-C stops at once; an ignored SIGINT stays ignored."""
+    asked: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        yield asked
         return
 
-    def ask_to_stop(signum: int, frame) -> None:
-        if received:  # asked twice: the user does not want to wait for the save
+    def ask(signum: int, frame) -> None:
+        if asked:
             raise KeyboardInterrupt
-        received.append(signum)
+        asked.append(signum)
 
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, ask_to_stop)
+    previous = signal.signal(signal.SIGINT, ask)
     try:
-        yield received
+        yield asked
     finally:
-        for signum, handler in previous.items():
-            # None: a handler set outside Python, which getsignal cannot return; the default is closest
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
+class Stoppable:
+    """A loader whose iteration raises KeyboardInterrupt between two batches once a stop was asked."""
+
+    def __init__(self, loader: DataLoader, asked: list[int]) -> None:
+        self.loader, self.asked = loader, asked
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            yield batch
+            if self.asked:
+                raise KeyboardInterrupt
+
+
+class Checkpoint:
+    """A run folder's last.pt: resume from it (refusing one written with other settings), and save
+    into it after every epoch, atomically. It also keeps the executions ("sessions") of the run."""
+
+    def __init__(self, folder: str | os.PathLike, resume: bool = True, keep: dict[str, Any] | None = None,
+                 session: dict[str, Any] | None = None) -> None:
+        self.path = Path(folder) / "last.pt"
+        self.resume = resume
+        self.keep = keep or {}  # saved as is (e.g. the range test that chose max_lr)
+        self.session = session or {}  # stored with this execution's entry in `sessions`
+        self.sessions: list[dict[str, Any]] = []
+
+    def load(self, signature: dict[str, Any], model: nn.Module, optimizer, scheduler,
+             scaler: torch.amp.GradScaler) -> tuple[list[dict[str, Any]], int]:
+        """Load model, optimizer, scheduler and scaler from last.pt; return the history and epoch."""
+        state = read_resume_state(self.path.parent) if self.resume else None
+        if state is None:
+            return [], 0
+        check_resumable(state, signature, self.path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
+            scaler.load_state_dict(state["scaler"])
+        self.sessions = state.get("sessions", [])
+        return state["history"], state["epoch"]
+
+    def start_session(self, runtime: Runtime, epoch: int) -> None:
+        """Record this execution: where it started, on what, when."""
+        self.sessions = self.sessions + [{"from_epoch": epoch, "runtime": runtime.describe(),
+                                          "machine": device_name(runtime.device),
+                                          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                         | self.session]
+
+    def save(self, signature: dict[str, Any], epoch: int, history: list[dict[str, Any]], model: nn.Module,
+             optimizer, scheduler, scaler) -> None:
+        """Write everything a resumed run needs, after `epoch` epochs."""
+        save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                    "epoch": epoch, "history": history, "signature": signature,
+                                    "sessions": self.sessions} | self.keep)
 
 
 @dataclass
@@ -381,110 +392,45 @@ class FitResult:
 
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe,
-        runtime: Runtime = FP32_CPU, max_lr: float | None = None,
-        checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
-        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None,
-        lr_finder: dict[str, Any] | None = None, session: dict[str, Any] | None = None,
-        save_every_s: float = SAVE_EVERY_S) -> FitResult:
-    """Train for `recipe.epochs` epochs, evaluating after each; checkpoint and resume if asked.
-
-    With a checkpoint folder, `last.pt` is also written every `save_every_s` seconds inside an
-    epoch, and a resumed run continues that epoch where it stopped. `session` is stored with this
-    execution's entry in `sessions` (e.g. whether it was a full run).
-    """
-    midway_sampler = isinstance(train_loader.sampler, EpochShuffleSampler)  # can resume inside an epoch
-    if midway_sampler:  # whole, even after an epoch stopped in an earlier call
-        train_loader.sampler.set_epoch(train_loader.sampler.epoch)
-    steps_per_epoch = len(train_loader)
-    model = runtime.prepare(model)
+        runtime: Runtime = FP32_CPU, max_lr: float | None = None, checkpoint: Checkpoint | None = None,
+        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+    """Train for `recipe.epochs` epochs, evaluating after each; with a checkpoint, resume and save."""
+    began, model = time.perf_counter(), runtime.prepare(model)
     optimizer = build_optimizer(model, recipe, max_lr if recipe.scheduler == "onecycle" else None)
-    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, max_lr)
-    scaler = runtime.scaler()
-    criterion = build_criterion(recipe)
-    step_model = runtime.stepper(model)
+    scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
+    scaler, criterion, step_model = runtime.scaler(), build_criterion(recipe), runtime.stepper(model)
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
-    history: list[dict[str, Any]] = []
-    sessions: list[dict[str, Any]] = []
-    best_acc, start_epoch, partial = -1.0, 0, None
-    last = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    state = read_resume_state(checkpoint_dir) if resume else None
-    if state is not None:
-        check_resumable(state, signature, last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
-            scaler.load_state_dict(state["scaler"])
-        history, best_acc, start_epoch = state["history"], state["best_acc"], state["epoch"]
-        sessions, lr_finder = state.get("sessions", []), state.get("lr_finder", lr_finder)
-        partial = state.get("partial")  # an epoch stopped midway: continue it, do not redo it
-        if partial is not None and not midway_sampler:
-            raise CheckpointError(f"{str(last)!r} stopped inside an epoch, which only a loader with "
-                                  "EpochShuffleSampler can continue; build the loaders with build_loaders")
-    if start_epoch < recipe.epochs:
-        sessions = sessions + [{"from_epoch": start_epoch, "runtime": runtime.describe(),
-                                "machine": device_name(runtime.device),
-                                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                               | (session or {})]
+    parts = (model, optimizer, scheduler, scaler)
+    history, start = checkpoint.load(signature, *parts) if checkpoint else ([], 0)
+    if checkpoint and start < recipe.epochs:
+        checkpoint.start_session(runtime, start)
     if runtime.device.type == "cuda":  # each session's own peak, not the range test's or an earlier fit's
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    began = time.perf_counter()
-    epochs = tqdm(range(start_epoch, recipe.epochs), desc=recipe.name, disable=not progress,
-                  initial=start_epoch, total=recipe.epochs, dynamic_ncols=True)
-
-    def state_after(epochs_done: int, partial: dict[str, float] | None = None) -> dict[str, Any]:
-        """Everything a resumed run needs; `partial` is the progress inside epoch epochs_done + 1."""
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epochs_done, "history": history, "best_acc": best_acc,
-                "max_lr": max_lr, "signature": signature, "lr_finder": lr_finder,
-                "sessions": sessions, "partial": partial}
-
-    can_save_midway = last is not None and midway_sampler
-    with save_then_stop_on_signals(enabled=can_save_midway) as stop_signals:
-        for epoch in epochs:
-            for holder in (train_loader.sampler, train_loader.dataset):
+    with stop_between_batches() as asked:
+        for epoch in tqdm(range(start, recipe.epochs), desc=recipe.name, disable=not progress,
+                          initial=start, total=recipe.epochs, dynamic_ncols=True):
+            for holder in (train_loader.sampler, train_loader.dataset):  # this epoch's order and draws
                 if hasattr(holder, "set_epoch"):
                     holder.set_epoch(epoch)
-            if partial is not None:  # skip the images the stopped execution trained on, in order
-                train_loader.sampler.set_epoch(epoch, start=int(partial["images"]))
-            try:
-                train = train_one_epoch(step_model, train_loader, optimizer, criterion, runtime,
-                                        scheduler if is_per_batch(scheduler) else None, scaler,
-                                        progress, desc=f"epoch {epoch + 1}", partial=partial,
-                                        save_partial=(lambda done, epoch=epoch: save_checkpoint(
-                                            last, state_after(epoch, done))) if can_save_midway else None,
-                                        save_every_s=save_every_s, stop_signals=stop_signals)
-            finally:
-                if partial is not None:  # the loader whole again, even if this epoch was stopped too
-                    train_loader.sampler.set_epoch(epoch)
-            partial = None
-            test = evaluate(step_model, test_loader, runtime, progress)
+            train = train_one_epoch(step_model, Stoppable(train_loader, asked), optimizer, criterion, runtime,
+                                    scheduler if is_per_batch(scheduler) else None, scaler, progress,
+                                    desc=f"epoch {epoch + 1}")
+            test = evaluate(step_model, Stoppable(test_loader, asked), runtime, progress)
             if not is_per_batch(scheduler):
                 scheduler.step(test["acc"])
-            row = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"],
-                   "train_acc": train["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-                   "train_seconds": train["seconds"], "test_seconds": test["seconds"],
-                   "train_images": train["images"], "test_images": test["images"],
-                   "session": len(sessions) - 1}
-            history = history + [row]
-            sessions[-1]["peak_memory_gib"] = peak_memory_gib(runtime.device)
-            epochs.set_postfix(train_acc=f"{train['acc']:.3f}", test_acc=f"{test['acc']:.4f}")
-            improved = test["acc"] > best_acc
-            best_acc = max(best_acc, test["acc"])
-            if last is not None:
-                state = state_after(epoch + 1)
-                # best before last: a kill between the two leaves last.pt behind, and the resumed
-                # run redoes that epoch and rewrites best.pt with the same weights.
-                if improved:
-                    save_checkpoint(last.with_name("best.pt"), state)
-                save_checkpoint(last, state)
+            history = history + [{
+                "epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"], "train_acc": train["acc"],
+                "test_loss": test["loss"], "test_acc": test["acc"], "train_seconds": train["seconds"],
+                "test_seconds": test["seconds"], "train_images": train["images"],
+                "test_images": test["images"], "session": len(checkpoint.sessions) - 1 if checkpoint else 0}]
+            if checkpoint:
+                checkpoint.sessions[-1]["peak_memory_gib"] = peak_memory_gib(runtime.device)
+                checkpoint.save(signature, epoch + 1, history, *parts)
             if on_epoch_end is not None:
-                on_epoch_end(row)
-            if stop_signals and epoch + 1 < recipe.epochs:  # asked during the evaluation: saved above
-                raise TrainingStopped(stop_signals[0])
-    return FitResult(history, best_acc, start_epoch, time.perf_counter() - began, sessions,
-                     describe_setup(optimizer, scheduler, criterion, steps_per_epoch))
+                on_epoch_end(history[-1])
+    return FitResult(history, max((r["test_acc"] for r in history), default=-1.0), start,
+                     time.perf_counter() - began, checkpoint.sessions if checkpoint else [],
+                     describe_setup(optimizer, scheduler, criterion, len(train_loader)))
 
 
 def _anneal_strategy(scheduler: torch.optim.lr_scheduler.OneCycleLR) -> str:

@@ -289,20 +289,6 @@ def test_train_loader_shuffles_per_epoch_and_test_loader_keeps_order():
     assert test.batch_size == 2 * train.batch_size
 
 
-def test_an_epoch_resumed_midway_loads_the_rest_of_the_same_order():
-    data = make_synthetic_cifar(64, 32, seed=0)
-    train, _ = build_loaders(data, S10, MEAN, STD, batch_size=16, num_workers=0)
-    train.sampler.set_epoch(3)
-    whole = torch.cat([y for _, y in train])
-    train.sampler.set_epoch(3, start=32)
-    assert len(train) == 2
-    torch.testing.assert_close(torch.cat([y for _, y in train]), whole[32:])
-    train.sampler.set_epoch(4)  # the next epoch is whole again
-    assert len(train) == 4
-    with pytest.raises(ValueError, match="start must be in"):
-        train.sampler.set_epoch(3, start=65)
-
-
 @pytest.mark.filterwarnings("ignore:.pin_memory. argument")
 def test_persistent_workers_follow_the_epoch():
     # CUDA loaders keep their workers alive between epochs; the epoch must still reach them.

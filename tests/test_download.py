@@ -16,7 +16,6 @@ import socket
 import subprocess
 import tarfile
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,9 +163,7 @@ def refused_url() -> str:
 
 def test_falls_through_bad_copies_to_the_good_one(tmp_path, fake, mirror, cifar10):
     urls = [mirror.url(p) for p in ("/404", "/stall", "/wrong", "/good")]
-    started = time.monotonic()
-    root = download_cifar10(tmp_path / "data", urls, fake.md5, **FAST)
-    assert time.monotonic() - started < 3  # the stall was abandoned after one 0.3 s window
+    root = download_cifar10(tmp_path / "data", urls, fake.md5, **FAST)  # why each failed: the next test
     assert root == tmp_path / "data"
     assert mirror.requests == ["/404", "/stall", "/wrong", "/good"]
     assert set(os.listdir(root)) == {CIFAR10_FILENAME, CIFAR10_FOLDER}  # no temp files or folders

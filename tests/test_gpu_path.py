@@ -91,7 +91,7 @@ def test_fp16_runs_end_to_end_and_a_skipped_step_does_not_use_up_the_schedule(tm
             # e.g. OneCycleLR's when it is stepped before the optimizer ever was
             warnings.simplefilter("error", UserWarning)
             return model, train.fit(model, train_loader, test_loader, recipe, FP16_CPU, max_lr=0.02,
-                                    checkpoint_dir=folder, progress=False, on_epoch_end=stop)
+                                    checkpoint=train.Checkpoint(folder), progress=False, on_epoch_end=stop)
 
     straight_model, straight = run(tmp_path / "a")
     state = train.load_checkpoint(tmp_path / "a" / "last.pt")
@@ -132,7 +132,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.fit(TinyNet(), *loaders, recipe, max_lr=0.02, checkpoint_dir=tmp_path / "cpu",
+        train.fit(TinyNet(), *loaders, recipe, max_lr=0.02, checkpoint=train.Checkpoint(tmp_path / "cpu"),
                   progress=False, on_epoch_end=stop)
     (tmp_path / "gpu").mkdir()
     subprocess.run([sys.executable, "-c", WRITE_AS_ON_A_GPU, str(tmp_path / "cpu" / "last.pt"),
@@ -141,7 +141,8 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
     torch.load(tmp_path / "gpu" / "last.pt", weights_only=True,
                map_location=lambda storage, location: locations.append(location) or storage)
     assert set(locations) == {"cuda:0"}
-    result = train.fit(TinyNet(), *loaders, recipe, max_lr=0.02, checkpoint_dir=tmp_path / "gpu",
+    result = train.fit(TinyNet(), *loaders, recipe, max_lr=0.02,
+                       checkpoint=train.Checkpoint(tmp_path / "gpu"),
                        progress=False)
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
     assert result.sessions[-1]["peak_memory_gib"] > 0

@@ -177,7 +177,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
         try:
             result = train.fit(model, train_loader, test_loader, recipe, max_lr=0.05,
-                               checkpoint_dir=checkpoint_dir, progress=False,
+                               checkpoint=train.Checkpoint(checkpoint_dir), progress=False,
                                on_epoch_end=maybe_stop)
         except Interrupt:
             return None, None
@@ -193,136 +193,42 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     keys = ("epoch", "lr", "train_loss", "test_acc")
     for got, want in zip(resumed.history, straight.history, strict=True):
         assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys])
-    assert (tmp_path / "b" / "best.pt").exists()
 
 
-def test_a_run_stopped_inside_an_epoch_continues_it_to_the_same_weights(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=3)  # 96 images at batch 32: 3 steps per epoch
-
-    def run(checkpoint_dir, loaders=None, model=None):
-        train_loader, test_loader = loaders or tiny_setup(recipe, n_train=96, n_test=32)
-        torch.manual_seed(0)
-        model = model or TinyNet()
-        return model, train.fit(model, train_loader, test_loader, recipe, max_lr=0.05,
-                                checkpoint_dir=checkpoint_dir, progress=False, save_every_s=0)
-
-    straight_model, straight = run(tmp_path / "a")
-    real_save, stop_at = train.save_checkpoint, []
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1 and (state["partial"] or {}).get("images") in stop_at:
-            raise Interrupt  # killed inside epoch 2, right after a save
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    # A notebook: the same loaders and model, the training cell stopped, executed again, stopped
-    # again inside the resumed epoch, then executed to the end.
+def test_ctrl_c_inside_an_epoch_stops_before_the_next_batch_and_the_same_loaders_resume(tmp_path):
+    recipe = S10.with_overrides(epochs=2)  # 96 images at batch 32: 3 steps per epoch
     loaders = tiny_setup(recipe, n_train=96, n_test=32)
     torch.manual_seed(0)
-    model = TinyNet()
-    for images in (32, 64):
-        stop_at[:] = [images]
-        with pytest.raises(Interrupt):
-            run(tmp_path / "b", loaders, model)
-        saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
-        assert (saved["epoch"], saved["partial"]["images"], len(saved["history"])) == (1, images, 1)
-    stop_at[:] = []
-    resumed_model, resumed = run(tmp_path / "b", loaders, model)
-    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the rest of epoch 2, not all of it again
-    keys = ("epoch", "lr", "train_loss", "train_acc", "train_images", "test_acc")
-    for got, want in zip(resumed.history, straight.history, strict=True):
-        assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys])
-    assert [r["session"] for r in resumed.history] == [0, 2, 2] and resumed.setup == straight.setup
-    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["partial"] is None
-    assert len(loaders[0]) == 3  # the loader is whole again for the analysis
+    model, forwards = TinyNet(), []
 
+    def ctrl_c_on_the_fifth_step(module, inputs, output):  # the 2nd step of epoch 2
+        forwards.append(module.training)
+        if sum(forwards) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
 
-def send_on_step(monkeypatch, signals_by_step: dict[int, list[int]]) -> None:
-    """Make the process signal itself inside the optimizer steps named (1-based over the run)."""
-    real_step, calls = train.optimizer_step, [0]
-
-    def step_and_signal(*args):
-        calls[0] += 1
-        for signum in signals_by_step.get(calls[0], []):
-            os.kill(os.getpid(), signum)
-        return real_step(*args)
-    monkeypatch.setattr(train, "optimizer_step", step_and_signal)
-
-
-def test_sigterm_inside_an_epoch_saves_that_step_stops_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=3)  # 96 images at batch 32: 3 steps per epoch
-
-    def run(checkpoint_dir):
-        torch.manual_seed(0)
-        model = TinyNet()
-        return model, train.fit(model, *tiny_setup(recipe, n_train=96, n_test=32), recipe, max_lr=0.05,
-                                checkpoint_dir=checkpoint_dir, progress=False)
-
-    straight_model, straight = run(tmp_path / "a")
-    send_on_step(monkeypatch, {5: [signal.SIGTERM]})  # the 2nd step of epoch 2
-    with pytest.raises(train.TrainingStopped) as stopped:
-        run(tmp_path / "b")
-    assert stopped.value.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the default is back: a kill kills
-    saved = train.load_checkpoint(tmp_path / "b" / "last.pt")
-    assert (saved["epoch"], saved["partial"]["images"]) == (1, 64)  # the step it was in is kept
-    monkeypatch.undo()
-    resumed_model, resumed = run(tmp_path / "b")
-    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    accuracies = [[r["test_acc"] for r in run.history] for run in (resumed, straight)]
-    assert accuracies[0] == pytest.approx(accuracies[1])
-
-
-def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=3)
-    real_evaluate = train.evaluate
-
-    def evaluate_and_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(train, "evaluate", evaluate_and_signal)
-    with pytest.raises(train.TrainingStopped):
-        train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
-                  checkpoint_dir=tmp_path, progress=False)
-    saved = train.load_checkpoint(tmp_path / "last.pt")
-    assert (saved["epoch"], saved["partial"], len(saved["history"])) == (1, None, 1)
+    hook = model.register_forward_hook(ctrl_c_on_the_fifth_step)
+    backwards = []
+    model.fc.weight.register_hook(lambda grad: backwards.append(1))
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, *loaders, recipe, max_lr=0.05, checkpoint=train.Checkpoint(tmp_path), progress=False)
+    hook.remove()
+    assert sum(forwards) == len(backwards) == 5, "the step in progress finished, and no other began"
+    assert train.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # the epoch in progress is lost
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_a_second_signal_stops_at_once_without_saving(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=2)
-    send_on_step(monkeypatch, {4: [signal.SIGTERM, signal.SIGTERM]})  # 2 steps per epoch
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
-                  checkpoint_dir=tmp_path, progress=False)
-    assert not isinstance(stopped.value, train.TrainingStopped)
-    saved = train.load_checkpoint(tmp_path / "last.pt")
-    assert (saved["epoch"], saved["partial"]) == (1, None)  # the epoch-end save, nothing after it
-
-
-def test_an_ignored_sigint_stays_ignored_and_without_checkpoints_signals_are_untouched(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=2)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job started by a script
-    try:
-        send_on_step(monkeypatch, {2: [signal.SIGINT]})
-        result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=64, n_test=32), recipe, max_lr=0.05,
-                           checkpoint_dir=tmp_path, progress=False)
-        assert len(result.history) == 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    with train.save_then_stop_on_signals(enabled=False) as received:  # fit without a checkpoint folder
-        assert signal.getsignal(signal.SIGINT) is previous and received == []
+    result = train.fit(model, *loaders, recipe, max_lr=0.05, checkpoint=train.Checkpoint(tmp_path),
+                       progress=False)  # a notebook cell run again, with the same loaders
+    assert result.resumed_from_epoch == 1 and [r["epoch"] for r in result.history] == [1, 2]
 
 
 def test_resume_refuses_other_settings(tmp_path):
     recipe = S10.with_overrides(epochs=1)
     train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
-    train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+    train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05,
+              checkpoint=train.Checkpoint(tmp_path),
               progress=False)
     with pytest.raises(train.CheckpointError, match=r"other settings \(epochs 1 -> 2\)"):
         train.fit(TinyNet(), train_loader, test_loader, recipe.with_overrides(epochs=2),
-                  max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+                  max_lr=0.05, checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
 def test_recipes_hold_the_assignment_values():
@@ -343,7 +249,7 @@ def stop_after_one_epoch(model, loaders, recipe, checkpoint_dir):
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        train.fit(model, *loaders, recipe, max_lr=0.05, checkpoint_dir=checkpoint_dir,
+        train.fit(model, *loaders, recipe, max_lr=0.05, checkpoint=train.Checkpoint(checkpoint_dir),
                   progress=False, on_epoch_end=interrupt)
 
 
@@ -352,7 +258,7 @@ def test_resume_refuses_another_data_size(tmp_path):
     stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=64, n_test=16), recipe, tmp_path)
     with pytest.raises(train.CheckpointError, match="data.train_size 64 -> 96"):
         train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=16), recipe, max_lr=0.05,
-                  checkpoint_dir=tmp_path, progress=False)
+                  checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -368,7 +274,8 @@ def test_resume_refuses_another_seed_or_other_data(tmp_path, change, message):
     stats = summarize(data)
     loaders = build_loaders(data, recipe, stats.mean, stats.std, seed=seed, batch_size=32, num_workers=0)
     with pytest.raises(train.CheckpointError, match=message):
-        train.fit(TinyNet(), *loaders, recipe, max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+        train.fit(TinyNet(), *loaders, recipe, max_lr=0.05,
+                  checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
 def test_resume_ignores_analysis_settings_and_accepts_fields_added_later(tmp_path):
@@ -381,32 +288,14 @@ def test_resume_ignores_analysis_settings_and_accepts_fields_added_later(tmp_pat
     del state["signature"]["recipe.augment.shift_limit"]
     train.save_checkpoint(tmp_path / "last.pt", state)
     other_analysis = dataclasses.replace(recipe, num_misclassified=5, gradcam_layer="layer3")
-    result = train.fit(TinyNet(), *loaders, other_analysis, max_lr=0.05, checkpoint_dir=tmp_path,
+    result = train.fit(TinyNet(), *loaders, other_analysis, max_lr=0.05,
+                       checkpoint=train.Checkpoint(tmp_path),
                        progress=False)
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
     with pytest.raises(train.CheckpointError, match="augment.shift_limit 0.0 -> 0.1"):
         shifted = dataclasses.replace(recipe, augment=dataclasses.replace(recipe.augment, shift_limit=0.1))
-        train.fit(TinyNet(), *loaders, shifted, max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
-
-
-def test_best_checkpoint_holds_the_best_epoch_and_is_written_before_last(tmp_path, monkeypatch):
-    recipe = S10.with_overrides(epochs=4)
-    written = []
-    original = train.save_checkpoint
-    def recording(path, state):
-        written.append((path.name, state["epoch"]))
-        original(path, state)
-
-    monkeypatch.setattr(train, "save_checkpoint", recording)
-    result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=48), recipe, max_lr=0.05,
-                       checkpoint_dir=tmp_path, progress=False)
-    best_epoch = max(result.history, key=lambda r: (r["test_acc"], -r["epoch"]))["epoch"]
-    best = train.load_checkpoint(tmp_path / "best.pt")
-    assert best["epoch"] == best_epoch and best["best_acc"] == result.best_acc
-    assert best["history"] == result.history[:best_epoch]
-    for epoch in range(1, 5):
-        names = [name for name, e in written if e == epoch]
-        assert names[-1] == "last.pt" and names[:-1] in ([], ["best.pt"])
+        train.fit(TinyNet(), *loaders, shifted, max_lr=0.05,
+                  checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
 def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypatch):
@@ -419,7 +308,7 @@ def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypat
     recipe = S10.with_overrides(epochs=2)
     with pytest.raises(train.CheckpointError, match="the disk is full .* resume from the end of epoch 0"):
         train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, max_lr=0.05,
-                  checkpoint_dir=tmp_path, progress=False)
+                  checkpoint=train.Checkpoint(tmp_path), progress=False)
     assert list(tmp_path.iterdir()) == [], "no partial checkpoint left"
 
 
@@ -450,7 +339,7 @@ def test_resume_from_a_run_without_loss_scaling_into_one_with_it(tmp_path):
             return scaler
 
     result = train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, Fp16Like(),
-                       max_lr=0.05, checkpoint_dir=tmp_path, progress=False)
+                       max_lr=0.05, checkpoint=train.Checkpoint(tmp_path), progress=False)
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
     assert [s["from_epoch"] for s in result.sessions] == [0, 1]
     assert [r["session"] for r in result.history] == [0, 1]
@@ -471,8 +360,10 @@ def test_resume_refuses_another_augmentation_implementation_or_architecture(tmp_
     train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
     train_loader.dataset.transform = test_loader.dataset.transform
     with pytest.raises(train.CheckpointError, match=r"\(data.augment changed\)"):
-        train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+        train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05,
+                  checkpoint=train.Checkpoint(tmp_path),
                   progress=False)
     with pytest.raises(train.CheckpointError, match="model.shapes"):
-        train.fit(TinyNet(num_classes=7), *loaders, recipe, max_lr=0.05, checkpoint_dir=tmp_path,
+        train.fit(TinyNet(num_classes=7), *loaders, recipe, max_lr=0.05,
+                  checkpoint=train.Checkpoint(tmp_path),
                   progress=False)

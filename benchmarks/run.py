@@ -278,7 +278,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--data-dir")
         q.add_argument("--synthetic", action="store_true")
         q.add_argument("--plain", action="store_true", help="fp32, NCHW, no loader workers")
-        q.add_argument("--compile", action="store_true", help="torch.compile the model")
         q.add_argument("--device", help="cuda, mps or cpu (default: best available)")
         q.add_argument("--out", default="runs/bench", help="folder for the runs' own files")
         q.add_argument("--note", help="a sentence stored with the record")
@@ -288,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--no-progress", action="store_true")
     sub.choices["throughput"].add_argument("--batches", type=int, default=10)
     sub.choices["throughput"].add_argument("--warmup", type=int, default=2)
+    sub.choices["throughput"].add_argument("--compile", action="store_true", help="torch.compile the model")
     sub.choices["throughput"].add_argument(
         "--side-by-side", action="store_true",
         help="measure the model in the fast runtime, the same without channels_last, and plain fp32")

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import traceback
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors ("error: ... (see --help)", status 2) instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        command = self.prog if self.prog.endswith("train") else f"{self.prog} train"  # where the flags are
+        self.exit(2, f"error: {message} (see {command} --help)\n")
 
 
 def recipe_keys(settings: object = RECIPES["s10"], prefix: str = "") -> list[str]:
@@ -50,8 +52,30 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "recipe values", "each flag replaces one value of the recipe, which makes the run a tuning or "
         "smoke run, not the assignment's; the help shows each recipe's own value")
     for key in recipe_keys():
-        values = ", ".join(f"{r.name}: {value_in(r, key)}" for r in RECIPES.values())
-        group.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE", help=values)
+        section = key.partition(".")[0]  # each recipe shows only the schedule it uses
+        shown = [r for r in RECIPES.values() if section not in ("onecycle", "plateau", "lr")
+                 or (r.scheduler == "plateau") == (section in ("plateau", "lr"))]
+        values = ", ".join(f"{r.name}: {_short(value_in(r, key))}" for r in shown)
+        group.add_argument("--" + key.replace("_", "-"), dest=key, metavar=_kind(key), help=values)
+
+
+def _kind(key: str) -> str:
+    """What a recipe key takes, for the help: INT, FLOAT, BOOL, DICT or the choices of a Literal."""
+    *parents, name = key.split(".")
+    settings: object = RECIPES["s10"]
+    for part in parents:
+        settings = getattr(settings, part)
+    hint = typing.get_type_hints(type(settings))[name]
+    if typing.get_origin(hint) is typing.Literal:
+        return "{" + ",".join(typing.get_args(hint)) + "}"
+    options = [a for a in typing.get_args(hint) if a is not type(None)]  # "int | None": int
+    kind = options[0] if options and typing.get_origin(hint) is not dict else hint
+    return getattr(typing.get_origin(kind) or kind, "__name__", "VALUE").upper()
+
+
+def _short(value: object) -> str:
+    """A value for the help: floats in few digits (0.2083 rather than 0.20833333333333334)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:

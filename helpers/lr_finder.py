@@ -102,8 +102,8 @@ def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float],
     """
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     if len(finite) < 2:
-        raise RangeTestError("the LR range test diverged at once (no finite loss); pass max_lr (CLI: "
-                             "--max-lr) to set the peak yourself, or lower the recipe's lr_finder.start_lr")
+        raise RangeTestError("the LR range test diverged at once (no finite loss); set the peak yourself "
+                             "with onecycle.max_lr (CLI: --onecycle.max-lr), or lower lr_finder.start_lr")
     i_min = min(finite, key=lambda i: smoothed[i])
     log_lr = np.log10(np.asarray(lrs)[finite])
     slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from . import visualize
 from .analysis import Predictions, predict, select_misclassified
 from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, load_data, summarize
-from .gradcam import explain_items
+from .gradcam import explain_items, find_layer
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import count_parameters, create_model
-from .recipes import Recipe, check, differences, override
+from .recipes import Recipe, check, differences
 from .runtime import (
     Runtime,
     atomic_write,
@@ -98,17 +98,17 @@ class RunOptions:
         """Options for a notebook: `defaults`, overridden by CIFAR_<NAME> variables (CIFAR_DATA_DIR, ...)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = dict(defaults)
+        known = {f"CIFAR_{f.name.upper()}" for f in fields(cls)} | {"CIFAR_OVERRIDES", "CIFAR_CACHE_DIR"}
+        for name in sorted(set(env) - known):
+            if name.startswith("CIFAR_"):  # e.g. CIFAR_EPOCHS, from before recipe values moved
+                raise SettingsError(f"{name} is not a run option; recipe values go in CIFAR_OVERRIDES "
+                                    f"(\"epochs=2 augment.cutout_p=0.5\"), options are "
+                                    f"{', '.join(sorted(known))}")
         for f in fields(cls):
             raw = env.get(f"CIFAR_{f.name.upper()}", "").strip()
             if raw:
                 values[f.name] = _parse(f.name, raw, f.type)
         return cls(**values)
-
-
-def recipe_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> Recipe:
-    """The recipe with the overrides in CIFAR_OVERRIDES ("epochs=1 train_subset=256", CI's smoke runs)."""
-    env = os.environ if env is None else env
-    return override(recipe, env.get("CIFAR_OVERRIDES", ""))
 
 
 def is_full_run(recipe: Recipe, options: RunOptions) -> bool:
@@ -155,8 +155,8 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     resume, before any real work."""
     try:
         check(recipe)
-        with torch.device("meta"):  # the model's arguments, checked without building its weights
-            create_model(recipe.model, **recipe.model_kwargs)
+        with torch.device("meta"):  # the model's arguments and layer, checked without real weights
+            find_layer(create_model(recipe.model, **recipe.model_kwargs), recipe.gradcam_layer)
     except (ValueError, TypeError) as err:
         raise SettingsError(str(err)) from None
     if not options.synthetic:
@@ -213,9 +213,9 @@ def run_info(run: Run) -> dict[str, str]:
         "recipe": f"{run.recipe.name}: {run.recipe.model} {run.recipe.model_kwargs}, {run.recipe.epochs} "
                   f"epochs, batch {run.recipe.batch_size}, seed {o.seed}",
         "run": "full assignment run" if is_full_run(run.recipe, o) else
-               "NOT THE ASSIGNMENT RUN (changed: " + ", ".join(
-                   f"{k}={v}" for k, v in differences(run.recipe).items()) + ("; synthetic data" if
-               o.synthetic else "") + "): its numbers are not the results",
+               "NOT THE ASSIGNMENT RUN (" + ", ".join([f"{k}={v}" for k, v in differences(run.recipe).items()]
+                                                     + ["synthetic data"] * o.synthetic)
+               + "): its numbers are not the results",
         "training": trained,
         "outputs": f"checkpoints and metrics in {run.out}/"
                    + (f", figures in {o.images_dir}/" if o.images_dir else ""),
@@ -563,6 +563,6 @@ __all__ = [
     "Analysis", "CheckpointError", "MaxLR", "Run", "RunOptions", "SettingsError", "analyse",
     "build_run_loaders", "build_run_model", "run_info", "data_copy", "data_figures", "finish_run",
     "format_epoch", "load_run_data", "lock_run_folder", "release_unused_run_folder", "resolve_max_lr",
-    "is_full_run", "recipe_from_env", "result_figures", "run_record", "run_recipe", "save_json", "start_run",
+    "is_full_run", "result_figures", "run_record", "run_recipe", "save_json", "start_run",
     "train_run",
 ]

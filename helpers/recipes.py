@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -177,10 +178,12 @@ class OverrideError(ValueError):
 def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
     """A copy of `recipe` with "key=value" assignments applied: "epochs=2 augment.cutout_p=0.5".
 
-    Values are read as their field's type; dicts and tuples as Python literals, e.g.
-    model_kwargs="{'norm': 'ln', 'zero_init_residual': True, 'strides': (1, 2, 2, 1)}".
+    Values are read as their field's type; tuples and dicts as Python literals, and a dict is
+    merged into the recipe's: model_kwargs="{'strides': (1, 2, 2, 1)}" keeps S8's norm.
     """
-    for assignment in assignments.split() if isinstance(assignments, str) else assignments:
+    if isinstance(assignments, str):  # split before each "key=", so a value may hold spaces
+        assignments = re.split(r"\s+(?=[A-Za-z_][\w.]*=)", assignments.strip()) if assignments.strip() else []
+    for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if not sep:
             raise OverrideError(f"{assignment!r}: expected KEY=VALUE, such as epochs=2")
@@ -203,6 +206,8 @@ def _set(settings: Any, path: list[str], text: str, key: str) -> Any:
             raise OverrideError(f"{key}: {path[0]} has no parts; set it whole")
     else:
         value = _parse(text, get_type_hints(type(settings))[path[0]], key)
+        if isinstance(current, dict):
+            value = current | value
     return replace(settings, **{path[0]: value})
 
 
@@ -234,29 +239,53 @@ def _parse(text: str, kind: Any, key: str) -> Any:
 
 def check(recipe: Recipe) -> None:
     """Refuse values no run can use, with one line that names the key and the allowed range."""
-    def at_least(low: float, above: bool = False) -> Any:
-        return lambda x: x is None or (math.isfinite(x) and (x > low if above else x >= low))
+    def within(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Any:
+        def ok(x: float | None) -> bool:
+            if x is None:
+                return True
+            above = low < x if low_open else low <= x
+            return math.isfinite(x) and above and (x < high if high_open else x <= high)
+        return ok
 
-    rules = {"epochs": (at_least(1), ">= 1"), "batch_size": (at_least(1), ">= 1"),
-             "train_subset": (at_least(1), ">= 1"), "test_subset": (at_least(1), ">= 1"),
-             "lr": (at_least(0, above=True), "> 0"), "weight_decay": (at_least(0), ">= 0"),
-             "label_smoothing": (lambda x: 0 <= x < 1, "in [0, 1)"),
-             "augment.cutout_p": (lambda x: 0 <= x <= 1, "in [0, 1]"),
-             "onecycle.max_lr": (at_least(0, above=True), "> 0"),
-             "onecycle.div_factor": (at_least(1, above=True), "> 1"),
-             "onecycle.final_div_factor": (at_least(1), ">= 1"),
-             "plateau.patience": (at_least(0), ">= 0"), "lr_finder.num_iter": (at_least(2), ">= 2")}
-    for key, (ok, expected) in rules.items():
+    probability = within(0, 1)
+    rules = {
+        "epochs": within(1), "batch_size": within(1), "train_subset": within(1), "test_subset": within(1),
+        "num_misclassified": within(0), "lr": within(0, low_open=True), "weight_decay": within(0),
+        "momentum": within(0, 1, high_open=True), "label_smoothing": within(0, 1, high_open=True),
+        "augment.crop_padding": within(0, 16), "augment.hflip_p": probability,
+        "augment.rotate_limit": within(0, 180), "augment.shift_limit": within(0, 0.5),
+        "augment.scale_limit": within(0, 1, high_open=True), "augment.affine_p": probability,
+        "augment.cutout_size": within(0, 32), "augment.cutout_p": probability,
+        "onecycle.peak_epoch": within(1), "onecycle.div_factor": within(1, low_open=True),
+        "onecycle.final_div_factor": within(1), "onecycle.short_run_pct": within(0, 1, True, True),
+        "onecycle.max_lr": within(0, low_open=True), "plateau.factor": within(0, 1, True, True),
+        "plateau.patience": within(0), "plateau.threshold": within(0), "plateau.min_lr": within(0),
+        "lr_finder.start_lr": within(0, low_open=True), "lr_finder.end_lr": within(recipe.lr_finder.start_lr,
+                                                                                   low_open=True),
+        "lr_finder.num_iter": within(2), "lr_finder.smooth": within(0, 1, low_open=True),
+        "lr_finder.diverge": within(1, low_open=True), "lr_finder.fraction": within(0, low_open=True),
+    }
+    for key, ok in rules.items():
         value = recipe
         for part in key.split("."):
             value = getattr(value, part)
         if not ok(value):
-            raise OverrideError(f"{key} must be {expected}, got {value}")
+            raise OverrideError(f"{key}={value} is out of range; see the recipe's own value with --help")
+    if recipe.nesterov and recipe.optimizer == "sgd" and recipe.momentum == 0:
+        raise OverrideError("nesterov needs momentum > 0; set momentum or nesterov=false")
     # the schedule a recipe does not use must stay as it is: a change there would do nothing
     unused = ("onecycle", OneCycle()) if recipe.scheduler == "plateau" else ("plateau", Plateau())
     if getattr(recipe, unused[0]) != unused[1] or (recipe.scheduler == "plateau") != (recipe.lr is not None):
         raise OverrideError(f"{recipe.name} uses {recipe.scheduler}: set lr and plateau.* for "
                             "ReduceLROnPlateau, onecycle.* for One Cycle")
+    # the assignment's LR was chosen for its optimizer: another optimizer must bring its own
+    assignment = get_recipe(recipe.name)
+    fixed = assignment.lr or assignment.onecycle.max_lr
+    if (recipe.optimizer != assignment.optimizer and fixed is not None
+            and (recipe.lr, recipe.onecycle.max_lr) == (assignment.lr, assignment.onecycle.max_lr)):
+        key = "lr" if recipe.scheduler == "plateau" else "onecycle.max_lr"
+        raise OverrideError(f"optimizer={recipe.optimizer} replaces {assignment.optimizer}, whose {key} "
+                            f"{fixed:g} was chosen for it: set {key} too")
 
 
 def differences(recipe: Recipe) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import threading
 import time
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -214,20 +213,6 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _field_defaults(cls, prefix: str = "") -> dict[str, Any]:
-    """The default of every (nested) dataclass field that has one, as dotted keys."""
-    hints = typing.get_type_hints(cls)
-    defaults: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints.get(f.name)):  # nested settings: their fields' defaults
-            defaults.update(_field_defaults(hints[f.name], f"{prefix}{f.name}."))
-        elif f.default is not dataclasses.MISSING:
-            defaults[prefix + f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[prefix + f.name] = f.default_factory()
-    return defaults
-
-
 # Analysis settings do not change what training does. The range test's do (it picks the max LR).
 NOT_TRAINING = ("recipe.num_misclassified", "recipe.gradcam_layer")
 
@@ -272,16 +257,14 @@ def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, t
 def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose signature differs from `expected` on any key either one holds.
 
-    A key the checkpoint lacks (a recipe field added later) matches when `expected` holds that
-    field's default, which is by construction the behaviour the older run had. A recipe key only the
-    checkpoint holds (a model argument such as strides, set for that run alone) is a difference;
-    other keys may be left out of `expected` to check a checkpoint before the data is loaded.
+    Every recipe key counts, so a checkpoint from another version of this code (a field added or
+    renamed since) is refused too; other keys may be left out of `expected` to check a checkpoint
+    before the data is loaded.
     """
     saved = state.get("signature", {})
-    defaults = _flatten({"recipe": _field_defaults(Recipe)})
     differences = []
     for key in [*expected, *(k for k in saved if k.startswith("recipe.") and k not in expected)]:
-        old, value = saved.get(key, defaults.get(key, "<missing>")), expected.get(key, "<unset>")
+        old, value = saved.get(key, "<missing>"), expected.get(key, "<unset>")
         if old != value:
             name = key.removeprefix("recipe.")
             short = len(repr(old)) + len(repr(value)) < 100  # a long value (the transform) is named only

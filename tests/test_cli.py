@@ -138,6 +138,7 @@ def test_recipe_values_reach_the_optimizer_the_schedule_and_the_loss_and_mark_th
     ["--workers", "-1"], ["--epochs", "0"], ["--epochs", "two"], ["--optimizer", "rmsprop"],
     ["--device", "cuda"], ["--lr", "0.01"], ["--plateau.patience", "1"], ["--out", "runs/{recipe.name}"],
     ["--model-kwargs", "{'strides': (1, 2, 2, 1)}"],  # s10's custom ResNet has fixed strides
+    ["--gradcam-layer", "nope"], ["--plateau.factor", "1"], ["--augment.hflip-p", "2"],
 ])
 def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, monkeypatch, flags):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the cuda case, also on a GPU machine
@@ -189,11 +190,12 @@ def test_a_run_tuned_with_another_fixed_peak_resumes_only_with_it(tmp_path, caps
 
 def test_model_arguments_reach_the_run_and_a_checkpoint_refuses_others(tmp_path):
     out = tmp_path / "s8"
-    late = "{'norm': 'ln', 'zero_init_residual': True, 'strides': (1, 2, 2, 1)}"  # the last stage at 8x8
+    late = "{'strides': (1, 2, 2, 1)}"  # the last stage at 8x8; S8's norm and zero init stay
     args = ["train", "--recipe", "s8", "--out", str(out), "--model-kwargs", late] + TINY
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["changed"]["model_kwargs"]["strides"] == [1, 2, 2, 1] and not metrics["full_run"]
+    assert metrics["changed"]["model_kwargs"] == {"norm": "ln", "zero_init_residual": True,
+                                                  "strides": [1, 2, 2, 1]} and not metrics["full_run"]
     assert main(args[:5] + args[7:]) == 2, "resuming with the recipe's strides is refused"
     bad = "{'norm': 'ln', 'strides': (1, 2, 2)}"
     assert main(["train", "--recipe", "s8", "--synthetic", "--out", str(tmp_path / "never"),

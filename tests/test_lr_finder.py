@@ -37,7 +37,7 @@ def test_rule_on_a_hand_made_curve():
     at_min = suggest_lr(lrs, losses, losses, fraction=1.0)
     assert at_min.suggested_lr == at_min.min_loss_lr == 1e-2 and at_min.rule.startswith("the LR at")
     assert result.steepest_lr == 1e-3  # the largest drop per decade: 2.2 -> 1.5 -> 1.0
-    with pytest.raises(RangeTestError, match="diverged at once.*pass max_lr"):
+    with pytest.raises(RangeTestError):
         suggest_lr(lrs[:2], [float("nan")] * 2, [float("nan")] * 2)
 
 

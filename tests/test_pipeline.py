@@ -11,36 +11,52 @@ from dataclasses import replace
 import pytest
 
 from helpers import pipeline
-from helpers.pipeline import RunOptions, SettingsError, recipe_from_env, save_json, start_run
+from helpers.pipeline import RunOptions, SettingsError, save_json, start_run
 from helpers.recipes import S8, S9, S10, OverrideError, differences, override
 
 
 def test_notebook_options_come_from_defaults_then_the_environment():
     env = {"CIFAR_RESUME": "0", "CIFAR_OUT": "x/{recipe}", "CIFAR_DATA_DIR": " ", "CIFAR_SEED": "3",
-           "CIFAR_UNRELATED": "1"}
+           "CIFAR10_URLS": "http://127.0.0.1:1/x"}  # not a CIFAR_ option: the downloader's
     options = RunOptions.from_env(env, data_dir="data", download=True)
     assert (options.resume, options.seed, options.download) == (False, 3, True)
     assert options.data_dir == "data" and str(options.out_dir(S10)) == "x/s10"  # blank values are unset
 
 
 def test_a_run_is_the_assignments_exactly_when_its_recipe_is():
-    smoke = recipe_from_env(S10, {"CIFAR_OVERRIDES": "epochs=1 train_subset=256 lr_finder.num_iter=6"})
+    smoke = override(S10, "epochs=1 train_subset=256 lr_finder.num_iter=6")
     assert differences(smoke) == {"epochs": 1, "train_subset": 256, "lr_finder.num_iter": 6}
     assert not pipeline.is_full_run(smoke, RunOptions())
-    assert pipeline.is_full_run(recipe_from_env(S10, {}), RunOptions())
+    assert pipeline.is_full_run(override(S10, ""), RunOptions())
     assert pipeline.is_full_run(override(S8, f"lr={S8.lr}"), RunOptions()), "the recipe's own value"
     assert not pipeline.is_full_run(S8, RunOptions(synthetic=True)), "made-up images are no result"
 
 
-@pytest.mark.parametrize("assignment", ["epochs=two", "epoch=2", "optimizer=rmsprop", "epochs=0",
-                                        "label_smoothing=1", "weight_decay=nan", "lr=0.1", "name=s9",
-                                        "augment.cutout_p=1.5", "epochs", "model_kwargs=(1, 2)"])
+@pytest.mark.parametrize("assignment", [
+    "epochs=two", "epoch=2", "optimizer=rmsprop", "epochs=0", "label_smoothing=1", "weight_decay=nan",
+    "lr=0.1", "name=s9", "augment.cutout_p=1.5", "epochs", "model_kwargs=(1,2)", "momentum=nan",
+    "augment.hflip_p=2", "augment.cutout_size=64", "num_misclassified=-1", "lr_finder.end_lr=1e-6",
+    "onecycle.peak_epoch=0",
+])
 def test_an_override_of_an_unknown_key_a_wrong_type_or_a_value_out_of_range_is_refused(assignment):
     with pytest.raises(OverrideError):
         override(S10, assignment)
 
 
-@pytest.mark.parametrize("env", [{"CIFAR_RESUME": "maybe"}, {"CIFAR_SEED": "x"}, {"CIFAR_SEED": "-1"}])
+def test_another_optimizer_must_bring_its_own_lr_where_the_recipe_fixes_one():
+    with pytest.raises(OverrideError):  # S9's fixed peak was chosen for SGD
+        override(S9, "optimizer=adam")
+    assert override(S9, "optimizer=adam onecycle.max_lr=0.01").onecycle.max_lr == 0.01
+    assert override(S10, "optimizer=sgd").optimizer == "sgd"  # S10's range test picks the peak anyway
+
+
+def test_a_dict_override_is_merged_and_may_hold_spaces():
+    late = override(S8, "model_kwargs={'strides': (1, 2, 2, 1)} epochs=3")
+    assert late.model_kwargs == S8.model_kwargs | {"strides": (1, 2, 2, 1)} and late.epochs == 3
+
+
+@pytest.mark.parametrize("env", [{"CIFAR_RESUME": "maybe"}, {"CIFAR_SEED": "x"}, {"CIFAR_SEED": "-1"},
+                                 {"CIFAR_EPOCHS": "2"}])  # a recipe value belongs in CIFAR_OVERRIDES
 def test_bad_environment_values_are_one_line_errors(env):
     with pytest.raises(SettingsError) as refused:
         RunOptions.from_env(env)

@@ -278,24 +278,21 @@ def test_resume_refuses_another_seed_or_other_data(tmp_path, change, message):
                   checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
-def test_resume_ignores_analysis_settings_and_accepts_fields_added_later(tmp_path):
+def test_resume_ignores_analysis_settings_and_refuses_a_checkpoint_of_other_code(tmp_path):
     recipe = S10.with_overrides(epochs=2)
     loaders = tiny_setup(recipe, n_train=32, n_test=16)
     stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
     state = train.load_checkpoint(tmp_path / "last.pt")
-    # An older checkpoint, written before the recipe had `augment.shift_limit`: its default is the
-    # behaviour that run had, so the field's absence is no difference.
-    del state["signature"]["recipe.augment.shift_limit"]
-    train.save_checkpoint(tmp_path / "last.pt", state)
     other_analysis = dataclasses.replace(recipe, num_misclassified=5, gradcam_layer="layer3")
     result = train.fit(TinyNet(), *loaders, other_analysis, max_lr=0.05,
-                       checkpoint=train.Checkpoint(tmp_path),
-                       progress=False)
+                       checkpoint=train.Checkpoint(tmp_path), progress=False)
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
-    with pytest.raises(train.CheckpointError, match="augment.shift_limit 0.0 -> 0.1"):
-        shifted = dataclasses.replace(recipe, augment=dataclasses.replace(recipe.augment, shift_limit=0.1))
-        train.fit(TinyNet(), *loaders, shifted, max_lr=0.05,
-                  checkpoint=train.Checkpoint(tmp_path), progress=False)
+    # written by code whose recipe had no `augment.shift_limit` yet: what it did is unknown, so refused
+    del state["signature"]["recipe.augment.shift_limit"]
+    train.save_checkpoint(tmp_path / "last.pt", state)
+    with pytest.raises(train.CheckpointError):
+        train.fit(TinyNet(), *loaders, recipe, max_lr=0.05, checkpoint=train.Checkpoint(tmp_path),
+                  progress=False)
 
 
 def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypatch):

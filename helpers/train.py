@@ -417,9 +417,8 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
 
 
 def _anneal_strategy(scheduler: torch.optim.lr_scheduler.OneCycleLR) -> str:
-    """'cos' or 'linear', as the scheduler holds it (torch >= 2.2 by name, 2.1 as the bound method)."""
-    name = getattr(scheduler, "_anneal_func_type", None)
-    return name or scheduler.anneal_func.__name__.removeprefix("_annealing_")
+    """'cos' or 'linear', as the scheduler holds it (OneCycleLR keeps no public name for it)."""
+    return scheduler._anneal_func_type
 
 
 def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,

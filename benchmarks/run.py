@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from helpers.pipeline import (
     start_run,
 )
 from helpers.recipes import RECIPES, get_recipe
-from helpers.runtime import atomic_write, run_metadata
+from helpers.runtime import atomic_write, run_metadata, utc_now
 
 from . import throughput
 
@@ -96,7 +95,7 @@ def _parse_records(text: str, log: Path) -> list[dict[str, Any]]:
 def training_record(metrics: dict[str, Any], command: str, note: str | None = None) -> dict[str, Any]:
     """A finished run's metrics.json as a results-log record (the history kept, figures not)."""
     return repo_relative(metrics | {"kind": "training", "note": note, "command": command,
-                                    "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                    "recorded_utc": utc_now()})
 
 
 def repo_relative(value: Any, root: Path = HERE.parent) -> Any:
@@ -176,10 +175,9 @@ def measure_throughput(args: argparse.Namespace) -> None:
         print(f"{run.recipe.name}, {runtime.describe()}: train {model['train_images_per_second']:,.0f} "
               f"img/s, eval {model['eval_images_per_second']:,.0f} img/s (model-bound); loader "
               f"{loader['images_per_second']:,.0f} img/s", flush=True)
-        append_record({"kind": "throughput", "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                            time.gmtime()),
-                       "command": _command(), "note": args.note, "recipe": run.recipe.name,
-                       "batch_size": run.recipe.batch_size, "plain": args.plain, "model": model,
+        append_record({"kind": "throughput", "recorded_utc": utc_now(), "command": _command(),
+                       "note": args.note, "recipe": run.recipe.name, "batch_size": run.recipe.batch_size,
+                       "model": model,
                        "loader": loader | {"workers": train_loader.num_workers},
                        "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
                        else "loader", "data": {"source": data.source}, "runtime": runtime.as_dict(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -13,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .recipes import RECIPES, Recipe, get_recipe, override
+from .recipes import RECIPES, Recipe, get_recipe, keys, override, value_at
 
 if TYPE_CHECKING:
     from .pipeline import RunOptions
@@ -27,44 +26,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {command} --help)\n")
 
 
-def recipe_keys(settings: object = RECIPES["s10"], prefix: str = "") -> list[str]:
-    """Every value a recipe holds, as dotted keys ("epochs", "augment.cutout_p"), from the dataclasses."""
-    keys = []
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += recipe_keys(value, f"{prefix}{f.name}.")
-        elif f.name not in ("name", "model", "scheduler"):  # what makes a recipe that recipe
-            keys.append(prefix + f.name)
-    return keys
-
-
-def value_in(recipe: Recipe, key: str) -> object:
-    """A recipe's value at a dotted key."""
-    for part in key.split("."):
-        recipe = getattr(recipe, part)
-    return recipe
-
-
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per recipe value (--epochs, --augment.cutout-p, ...); any of them makes a tuning run."""
     group = parser.add_argument_group(
         "recipe values", "each flag replaces one value of the recipe, which makes the run a tuning or "
         "smoke run, not the assignment's; the help shows each recipe's own value")
-    for key in recipe_keys():
+    for key in keys():
         section = key.partition(".")[0]  # each recipe shows only the schedule it uses
         shown = [r for r in RECIPES.values() if section not in ("onecycle", "plateau", "lr")
                  or (r.scheduler == "plateau") == (section in ("plateau", "lr"))]
-        values = ", ".join(f"{r.name}: {_short(value_in(r, key))}" for r in shown)
+        values = ", ".join(f"{r.name}: {_short(value_at(r, key))}" for r in shown)
         group.add_argument("--" + key.replace("_", "-"), dest=key, metavar=_kind(key), help=values)
 
 
 def _kind(key: str) -> str:
     """What a recipe key takes, for the help: INT, FLOAT, BOOL, DICT or the choices of a Literal."""
-    *parents, name = key.split(".")
-    settings: object = RECIPES["s10"]
-    for part in parents:
-        settings = getattr(settings, part)
+    parent, _, name = key.rpartition(".")
+    settings = value_at(RECIPES["s10"], parent) if parent else RECIPES["s10"]
     hint = typing.get_type_hints(type(settings))[name]
     if typing.get_origin(hint) is typing.Literal:
         return "{" + ",".join(typing.get_args(hint)) + "}"
@@ -80,7 +58,7 @@ def _short(value: object) -> str:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The chosen recipe with the values its flags replace."""
-    changes = [f"{key}={getattr(args, key)}" for key in recipe_keys() if getattr(args, key) is not None]
+    changes = [f"{key}={getattr(args, key)}" for key in keys() if getattr(args, key) is not None]
     return override(get_recipe(args.recipe), changes)
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from . import visualize
 from .analysis import Predictions, predict, select_misclassified
 from .dataset import CifarArrays, DataSummary, build_loaders, check_data_dir, load_data, summarize
+from .download import CACHE_ENV
 from .gradcam import explain_items, find_layer
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import count_parameters, create_model
@@ -98,7 +99,7 @@ class RunOptions:
         """Options for a notebook: `defaults`, overridden by CIFAR_<NAME> variables (CIFAR_DATA_DIR, ...)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = dict(defaults)
-        known = {f"CIFAR_{f.name.upper()}" for f in fields(cls)} | {"CIFAR_OVERRIDES", "CIFAR_CACHE_DIR"}
+        known = {f"CIFAR_{f.name.upper()}" for f in fields(cls)} | {"CIFAR_OVERRIDES", CACHE_ENV}
         for name in sorted(set(env) - known):
             if name.startswith("CIFAR_"):  # e.g. CIFAR_EPOCHS, from before recipe values moved
                 raise SettingsError(f"{name} is not a run option; recipe values go in CIFAR_OVERRIDES "
@@ -168,11 +169,9 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
         _check_writable(Path(options.images_dir))
     state = read_resume_state(out) if options.resume else None
     if state is not None:
-        # What can be checked without the data is checked now, before minutes of loading.
-        early = recipe_signature(recipe) | {"seed": options.seed}
-        if recipe.scheduler != "onecycle" or recipe.onecycle.max_lr is not None:
-            early["max_lr"] = recipe.onecycle.max_lr if recipe.scheduler == "onecycle" else None
-        check_resumable(state, early, out / "last.pt")
+        # What can be checked without the data is checked now, before minutes of loading (a fixed
+        # One Cycle peak is a recipe value; a range test's is the checkpoint's own).
+        check_resumable(state, recipe_signature(recipe) | {"seed": options.seed}, out / "last.pt")
     lock_run_folder(out)
     removed = remove_stale_temporaries(out)  # safe under the lock: no other run writes here
     seed_everything(options.seed)

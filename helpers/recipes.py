@@ -98,10 +98,6 @@ class Recipe:
     train_subset: int | None = None  # a seeded subset of the training images (smoke and proxy runs)
     test_subset: int | None = None
 
-    def with_overrides(self, **changes: Any) -> Recipe:
-        """Return a copy with some fields replaced (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
 
 S10 = Recipe(
     name="s10",
@@ -266,9 +262,7 @@ def check(recipe: Recipe) -> None:
         "lr_finder.diverge": within(1, low_open=True), "lr_finder.fraction": within(0, low_open=True),
     }
     for key, ok in rules.items():
-        value = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = value_at(recipe, key)
         if not ok(value):
             raise OverrideError(f"{key}={value} is out of range; see the recipe's own value with --help")
     if recipe.nesterov and recipe.optimizer == "sgd" and recipe.momentum == 0:
@@ -288,12 +282,30 @@ def check(recipe: Recipe) -> None:
                             f"{fixed:g} was chosen for it: set {key} too")
 
 
+def keys(settings: Any = None, prefix: str = "") -> list[str]:
+    """Every value a recipe holds, as dotted keys ("epochs", "augment.cutout_p"), from the dataclasses;
+    not the name, model and scheduler, which make a recipe that recipe."""
+    settings = S10 if settings is None else settings  # every recipe has the same keys
+    found = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            found += keys(value, f"{prefix}{f.name}.")
+        elif prefix or f.name not in ("name", "model", "scheduler"):
+            found.append(prefix + f.name)
+    return found
+
+
+def value_at(recipe: Recipe, key: str) -> Any:
+    """A recipe's value at a dotted key."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def differences(recipe: Recipe) -> dict[str, Any]:
     """The values where `recipe` differs from the assignment of its name, as dotted keys."""
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if not dataclasses.is_dataclass(value):
-            return {prefix: value}
-        return {k: v for f in dataclasses.fields(value)
-                for k, v in flat(getattr(value, f.name), f"{prefix}{f.name}.").items()}
-    mine, assignment = flat(recipe), flat(get_recipe(recipe.name))
-    return {key.rstrip("."): value for key, value in mine.items() if assignment.get(key) != value}
+    assignment = get_recipe(recipe.name)
+    return {key: value_at(recipe, key) for key in keys()
+            if value_at(recipe, key) != value_at(assignment, key)}

@@ -221,6 +221,11 @@ def git_commit(folder: str | os.PathLike | None = None) -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def utc_now() -> str:
+    """The time, as the run records write it: 2026-12-06T04:42:13Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def run_metadata(runtime: Runtime) -> dict[str, Any]:
     """Device, CPU, library versions, git commit and time, saved with every run."""
     import albumentations
@@ -228,7 +233,7 @@ def run_metadata(runtime: Runtime) -> dict[str, Any]:
 
     device = runtime.device
     meta = {
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time_utc": utc_now(),
         "device": str(device),
         "device_name": device_name(device),
         "cpu": cpu_model(),

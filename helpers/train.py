@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .recipes import OPTIMIZERS, Recipe
-from .runtime import FP32_CPU, Runtime, atomic_write, device_name, peak_memory_gib
+from .runtime import FP32_CPU, Runtime, atomic_write, device_name, peak_memory_gib, utc_now
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -350,7 +350,7 @@ class Checkpoint:
         """Record this execution: where it started, on what, when."""
         self.sessions = self.sessions + [{"from_epoch": epoch, "runtime": runtime.describe(),
                                           "machine": device_name(runtime.device),
-                                          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                          "time_utc": utc_now()}
                                          | self.session]
 
     def save(self, signature: dict[str, Any], epoch: int, history: list[dict[str, Any]], model: nn.Module,

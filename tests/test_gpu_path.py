@@ -2,6 +2,7 @@
 capability, fp16 end to end with a skipped step, checkpoints written on a GPU, cuDNN's autotuner,
 the device in the run record, out-of-memory as one line, GradCAM on the classes the figures name."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_a_gpu_is_named_with_its_memory_and_compute_capability_and_its_peak_is_r
 
 
 def test_fp16_runs_end_to_end_and_a_skipped_step_does_not_use_up_the_schedule(tmp_path):
-    recipe = S10.with_overrides(epochs=2, gradcam_layer="features")
+    recipe = dataclasses.replace(S10, epochs=2, gradcam_layer="features")
     train_loader, test_loader = tiny_setup(recipe, n_train=96, n_test=64)  # 3 steps per epoch
 
     def run(folder, stop_after_epoch=None, resuming=False):
@@ -125,7 +126,7 @@ torch.save(state, sys.argv[2])
 
 
 def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path):
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     loaders = tiny_setup(recipe, n_train=64, n_test=32)
 
     def stop(row):
@@ -177,7 +178,7 @@ class NearTie(nn.Module):
 
 
 def test_gradcam_explains_the_class_the_figures_name_when_autocast_and_fp32_disagree():
-    recipe = S10.with_overrides(gradcam_layer="features", num_misclassified=5)
+    recipe = dataclasses.replace(S10, gradcam_layer="features", num_misclassified=5)
     data = make_synthetic_cifar(40, 40, seed=0)
     stats = summarize(data)
     _, test_loader = build_loaders(data, recipe, stats.mean, stats.std, batch_size=20, num_workers=0)

@@ -1,5 +1,7 @@
 """The LR range test: an exponential sweep that leaves the model as it found it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from tests.tiny import TinyNet, tiny_setup
 
 
 def test_sweeps_exponentially_stops_at_divergence_and_restores_the_model():
-    recipe = S10.with_overrides(lr_finder=LRFinder(start_lr=1e-4, end_lr=10.0, num_iter=60, fraction=0.5))
+    finder = LRFinder(start_lr=1e-4, end_lr=10.0, num_iter=60, fraction=0.5)
+    recipe = dataclasses.replace(S10, lr_finder=finder)
     train_loader, _ = tiny_setup(recipe, n_train=128, batch=16)
     model = TinyNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -17,7 +17,7 @@ from tests.tiny import TinyNet, tiny_setup
 
 
 def test_fit_learns_a_separable_problem():
-    recipe = S10.with_overrides(epochs=6)
+    recipe = dataclasses.replace(S10, epochs=6)
     train_loader, test_loader = tiny_setup(recipe)
     torch.manual_seed(0)
     result = train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05,
@@ -31,7 +31,7 @@ def test_fit_learns_a_separable_problem():
 
 def one_cycle_lrs(epochs=24, steps=10, max_lr=0.1, recipe=S10):
     """The LR of every step of the S10 schedule (or of `recipe`'s)."""
-    recipe = recipe.with_overrides(epochs=epochs)
+    recipe = dataclasses.replace(recipe, epochs=epochs)
     optimizer = train.build_optimizer(nn.Linear(2, 2), recipe, max_lr)
     scheduler = train.build_scheduler(optimizer, recipe, steps, max_lr)
     lrs = []
@@ -56,7 +56,7 @@ def test_one_cycle_peaks_at_the_end_of_epoch_5_of_24_without_annihilation():
 
 @pytest.mark.parametrize("anneal", ["linear", "cos"])
 def test_the_setup_names_the_anneal_strategy_the_scheduler_uses(anneal):
-    recipe = S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal=anneal))
+    recipe = dataclasses.replace(S10, onecycle=dataclasses.replace(S10.onecycle, anneal=anneal))
     optimizer = train.build_optimizer(nn.Linear(2, 2), recipe, 0.1)
     scheduler = train.build_scheduler(optimizer, recipe, 10, 0.1)
     setup = train.describe_setup(optimizer, scheduler, train.build_criterion(recipe), 10)
@@ -65,7 +65,8 @@ def test_the_setup_names_the_anneal_strategy_the_scheduler_uses(anneal):
 
 
 def test_the_cosine_one_cycle_keeps_start_peak_and_end_and_is_half_way_at_mid_phase():
-    lrs = one_cycle_lrs(recipe=S10.with_overrides(onecycle=dataclasses.replace(S10.onecycle, anneal="cos")))
+    cosine = dataclasses.replace(S10.onecycle, anneal="cos")
+    lrs = one_cycle_lrs(recipe=dataclasses.replace(S10, onecycle=cosine))
     linear = one_cycle_lrs()
     start, peak = lrs[0], lrs.max()
     assert int(np.argmax(lrs)) == 5 * 10 - 1 and peak == pytest.approx(0.1)
@@ -100,7 +101,7 @@ def test_plateau_is_stepped_once_per_epoch(monkeypatch):
     original = torch.optim.lr_scheduler.ReduceLROnPlateau.step
     monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step",
                         lambda self, metric: calls.append(metric) or original(self, metric))
-    recipe = S8.with_overrides(epochs=3)
+    recipe = dataclasses.replace(S8, epochs=3)
     train_loader, test_loader = tiny_setup(recipe, n_train=64, n_test=32)
     result = train.fit(TinyNet(), train_loader, test_loader, recipe, progress=False)
     assert calls == [r["test_acc"] for r in result.history]
@@ -120,7 +121,7 @@ def test_adamw_decays_weights_by_lr_times_wd_where_adam_adds_l2_to_the_gradient(
         model.weight.fill_(2.0)
         model.bias.fill_(2.0)
     lr, wd = 0.01, 0.1
-    opt = train.build_optimizer(model, S8.with_overrides(optimizer=optimizer, weight_decay=wd), lr)
+    opt = train.build_optimizer(model, dataclasses.replace(S8, optimizer=optimizer, weight_decay=wd), lr)
     model.weight.grad = torch.zeros_like(model.weight)
     model.bias.grad = torch.zeros_like(model.bias)
     opt.step()
@@ -164,7 +165,7 @@ class Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    recipe = S10.with_overrides(epochs=3)
+    recipe = dataclasses.replace(S10, epochs=3)
 
     def run(checkpoint_dir, stop_after=None):
         train_loader, test_loader = tiny_setup(recipe, n_train=96, n_test=32)
@@ -196,7 +197,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_ctrl_c_inside_an_epoch_stops_before_the_next_batch_and_the_same_loaders_resume(tmp_path):
-    recipe = S10.with_overrides(epochs=2)  # 96 images at batch 32: 3 steps per epoch
+    recipe = dataclasses.replace(S10, epochs=2)  # 96 images at batch 32: 3 steps per epoch
     loaders = tiny_setup(recipe, n_train=96, n_test=32)
     torch.manual_seed(0)
     model, forwards = TinyNet(), []
@@ -221,13 +222,13 @@ def test_ctrl_c_inside_an_epoch_stops_before_the_next_batch_and_the_same_loaders
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    recipe = S10.with_overrides(epochs=1)
+    recipe = dataclasses.replace(S10, epochs=1)
     train_loader, test_loader = tiny_setup(recipe, n_train=32, n_test=16)
     train.fit(TinyNet(), train_loader, test_loader, recipe, max_lr=0.05,
               checkpoint=train.Checkpoint(tmp_path),
               progress=False)
     with pytest.raises(train.CheckpointError, match=r"other settings \(epochs 1 -> 2\)"):
-        train.fit(TinyNet(), train_loader, test_loader, recipe.with_overrides(epochs=2),
+        train.fit(TinyNet(), train_loader, test_loader, dataclasses.replace(recipe, epochs=2),
                   max_lr=0.05, checkpoint=train.Checkpoint(tmp_path), progress=False)
 
 
@@ -254,7 +255,7 @@ def stop_after_one_epoch(model, loaders, recipe, checkpoint_dir):
 
 
 def test_resume_refuses_another_data_size(tmp_path):
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=64, n_test=16), recipe, tmp_path)
     with pytest.raises(train.CheckpointError, match="data.train_size 64 -> 96"):
         train.fit(TinyNet(), *tiny_setup(recipe, n_train=96, n_test=16), recipe, max_lr=0.05,
@@ -267,7 +268,7 @@ def test_resume_refuses_another_data_size(tmp_path):
     ({"data_seed": 5}, "data.train_fingerprint"),  # other images of the same size
 ])
 def test_resume_refuses_another_seed_or_other_data(tmp_path, change, message):
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=64, n_test=16), recipe, tmp_path)
     seed, data_seed = change.get("seed", 0), change.get("data_seed", change.get("seed", 0))
     data = make_synthetic_cifar(64, change.get("n_test", 16), seed=data_seed)
@@ -279,7 +280,7 @@ def test_resume_refuses_another_seed_or_other_data(tmp_path, change, message):
 
 
 def test_resume_ignores_analysis_settings_and_refuses_a_checkpoint_of_other_code(tmp_path):
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     loaders = tiny_setup(recipe, n_train=32, n_test=16)
     stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
     state = train.load_checkpoint(tmp_path / "last.pt")
@@ -302,7 +303,7 @@ def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", full_disk)
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     with pytest.raises(train.CheckpointError, match="the disk is full .* resume from the end of epoch 0"):
         train.fit(TinyNet(), *tiny_setup(recipe, n_train=32, n_test=16), recipe, max_lr=0.05,
                   checkpoint=train.Checkpoint(tmp_path), progress=False)
@@ -310,7 +311,7 @@ def test_a_failed_checkpoint_write_says_why_and_how_to_go_on(tmp_path, monkeypat
 
 
 def test_evaluate_reports_plain_cross_entropy_without_label_smoothing():
-    recipe = S10.with_overrides(label_smoothing=0.3)
+    recipe = dataclasses.replace(S10, label_smoothing=0.3)
     _, test_loader = tiny_setup(recipe, n_train=32, n_test=40, batch=8)
     model = TinyNet().eval()
     with torch.no_grad():
@@ -327,7 +328,7 @@ def test_evaluate_reports_plain_cross_entropy_without_label_smoothing():
 def test_resume_from_a_run_without_loss_scaling_into_one_with_it(tmp_path):
     # bf16 or CPU runs save an empty scaler state; an fp16 session (a T4) must still resume.
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     stop_after_one_epoch(TinyNet(), tiny_setup(recipe, n_train=32, n_test=16), recipe, tmp_path)
     assert train.load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
 
@@ -350,7 +351,7 @@ def test_one_cycle_refuses_a_missing_or_non_positive_max_lr():
 
 
 def test_resume_refuses_another_augmentation_implementation_or_architecture(tmp_path):
-    recipe = S10.with_overrides(epochs=2)
+    recipe = dataclasses.replace(S10, epochs=2)
     loaders = tiny_setup(recipe, n_train=32, n_test=16)
     stop_after_one_epoch(TinyNet(), loaders, recipe, tmp_path)
     # the same recipe values, implemented by another pipeline (as after a code or library change)

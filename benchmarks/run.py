@@ -24,14 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers.__main__ import OneLineParser, add_recipe_flags, recipe_from_args, run_guarded
-from helpers.pipeline import (
-    RunOptions,
-    SettingsError,
-    build_run_loaders,
-    load_run_data,
-    run_recipe,
-    start_run,
-)
+from helpers.dataset import build_loaders, channel_mean_std
+from helpers.pipeline import RunOptions, SettingsError, load_run_data, run_recipe, start_run
 from helpers.recipes import RECIPES, get_recipe
 from helpers.runtime import atomic_write, run_metadata, utc_now
 
@@ -165,8 +159,10 @@ def measure_throughput(args: argparse.Namespace) -> None:
                          out=str(Path(args.out) / f"throughput-{args.recipe}"), device=args.device,
                          resume=False, progress=False)
     run = start_run(get_recipe(args.recipe), options)
-    data, summary = load_run_data(run)
-    train_loader, _ = build_run_loaders(run, data, summary)
+    data = load_run_data(run)
+    mean, std = channel_mean_std(data.train_images)
+    train_loader, _ = build_loaders(data, run.recipe, mean, std, run.runtime.device,
+                                    num_workers=0 if args.plain else None, fast=not args.plain)
     loader = throughput.loader_throughput(train_loader, args.batches)
     fast = replace(run.runtime, compile=args.compile)
     runtimes = throughput.side_by_side(fast) if args.side_by_side else [fast]

@@ -47,12 +47,8 @@ def predict(model: nn.Module, loader: DataLoader, runtime: Runtime = FP32_CPU,
 
 
 def select_misclassified(predictions: Predictions, n: int = 20) -> np.ndarray:
-    """Dataset indices of the n misclassified images the model was most confident about.
-
-    Rule: among images whose prediction is wrong, sort by the probability given to the wrong
-    class (highest first), ties broken by the lower index. Deterministic for given predictions.
-    """
+    """Dataset indices of the n misclassified images the model was most confident about: the highest
+    probability given to the wrong class first, ties by the lower index."""
     wrong = np.flatnonzero(predictions.preds != predictions.labels)
     confidence = predictions.probs[wrong, predictions.preds[wrong]]
-    order = np.lexsort((wrong, -confidence))
-    return wrong[order][:n]
+    return wrong[np.lexsort((wrong, -confidence))][:n]  # lexsort: the last key is the primary one

@@ -1,4 +1,5 @@
-"""CIFAR-10 loading (torchvision or an ImageFolder copy), summary statistics, augmentations, loaders."""
+"""CIFAR-10 as arrays (an ImageFolder copy, torchvision's files, or synthetic images), the
+augmentations of a recipe, and reproducible loaders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,6 @@ class CifarArrays:
     test_labels: np.ndarray
     classes: tuple[str, ...]
     source: str  # where it came from, for run metadata
-    skipped: dict[str, int] = field(default_factory=dict)  # files not read, by suffix
 
 
 # ----------------------------------------------------------------------------- loading
@@ -44,65 +44,35 @@ class CifarArrays:
 
 def check_data_dir(data_dir: str | os.PathLike, download: bool = False) -> Path:
     """The data folder, if it can hold CIFAR-10 (or download is allowed); else a one-line DataError."""
-    root = Path(data_dir).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(f"data folder {str(root)!r} is a file; pass the folder that holds "
-                        "train/ and test/ (ImageFolder) or cifar-10-batches-py/")
-    if not root.exists() and not download:
-        raise DataError(
-            f"data folder {str(root)!r} does not exist and download is off; pass download=True "
-            "(CLI: --download) or point data_dir at an ImageFolder copy with train/ and test/ "
-            "(e.g. unpack ../shared/data with its cifar10_jpeg.py)"
-        )
-    if _is_image_folder(root):
-        _check_splits(root)  # half an ImageFolder copy is refused here, before any run folder exists
-    elif root.is_dir() and not download and not _holds_cifar10(root):
-        from .download import CIFAR10_FILENAME
+    from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
 
+    root = Path(data_dir).expanduser()
+    expected = (f"train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder layout), {CIFAR10_FOLDER}/ "
+                f"or {CIFAR10_FILENAME}")
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} is a file; pass the folder that holds {expected}")
+    if not root.exists() and not download:
+        raise DataError(f"data folder {str(root)!r} does not exist and download is off; pass download=True "
+                        "(CLI: --download) or point it at an ImageFolder copy (e.g. unpacked with "
+                        "../shared/tools/cifar10_jpeg.py)")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        missing = [f"{split}/" for split in ("train", "test") if not (root / split).is_dir()]
+        if missing:
+            raise DataError(f"{str(root)!r} is half an ImageFolder copy: {' and '.join(missing)} missing")
+    elif root.is_dir() and not download and not ((root / CIFAR10_FOLDER).is_dir()
+                                                 or (root / CIFAR10_FILENAME).is_file()):
         found = sorted(p.name for p in _visible(root))[:10]
-        raise DataError(
-            f"{str(root)!r} is not a CIFAR-10 folder: expected train/<class>/* and test/<class>/* "
-            f"(ImageFolder layout), torchvision's cifar-10-batches-py/ or {CIFAR10_FILENAME}, "
-            f"found {found or 'nothing'}"
-        )
+        raise DataError(f"{str(root)!r} is not a CIFAR-10 folder: expected {expected}, "
+                        f"found {found or 'nothing'}")
     return root
 
 
-def _is_image_folder(root: Path) -> bool:
-    """Whether root is (at least half of) an ImageFolder copy: train/ or test/ is there."""
-    return (root / "train").is_dir() or (root / "test").is_dir()
-
-
-def _holds_cifar10(root: Path) -> bool:
-    """Whether root holds torchvision's folder or archive (their contents are checked on loading)."""
-    from .download import CIFAR10_FILENAME, CIFAR10_FOLDER
-
-    return (root / CIFAR10_FOLDER).is_dir() or (root / CIFAR10_FILENAME).is_file()
-
-
-def _check_splits(root: Path) -> None:
-    """A one-line DataError unless root has both train/ and test/ (the ImageFolder layout)."""
-    missing = [split for split in ("train", "test") if not (root / split).is_dir()]
-    if missing:
-        found = sorted(p.name for p in _visible(root))
-        raise DataError(
-            f"{str(root)!r}: expected folders train/ and test/ (ImageFolder layout), "
-            f"found {found}; missing {', '.join(s + '/' for s in missing)}"
-        )
-
-
-def load_cifar10(data_dir: str | os.PathLike, download: bool = False,
-                 urls: list[str] | None = None, progress: bool = True) -> CifarArrays:
-    """Load CIFAR-10 from an ImageFolder copy or torchvision's files, fetching them if allowed."""
-    root = check_data_dir(data_dir, download)  # past it: one of the layouts is there, or download is on
-    if _is_image_folder(root):
+def load_cifar10(data_dir: str | os.PathLike, download: bool = False, urls: list[str] | None = None,
+                 progress: bool = True) -> CifarArrays:
+    """CIFAR-10 from an ImageFolder copy or torchvision's files, fetched from mirrors if allowed."""
+    root = check_data_dir(data_dir, download)
+    if (root / "train").is_dir():
         return load_image_folder(root)
-    return _load_torchvision(root, download, urls, progress)
-
-
-def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
-                      progress: bool) -> CifarArrays:
-    """Read torchvision's CIFAR10 (its python pickles) into arrays, fetching them from mirrors first."""
     from torchvision.datasets import CIFAR10  # deferred: torchvision is slow to import
 
     from .download import CIFAR10_FILENAME, download_cifar10, extract_local_archive
@@ -110,34 +80,25 @@ def _load_torchvision(root: Path, download: bool, urls: list[str] | None,
     if download:
         download_cifar10(root, urls, progress=progress)  # the archive in root, a cache or mirrors
     elif (root / CIFAR10_FILENAME).is_file():
-        extract_local_archive(root)  # returns at once when extracted; without --download, no network
+        extract_local_archive(root)  # no network without download
     try:
-        train = CIFAR10(str(root), train=True, download=False)
-        test = CIFAR10(str(root), train=False, download=False)
+        train, test = (CIFAR10(str(root), train=split, download=False) for split in (True, False))
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
-        raise DataError(f"torchvision CIFAR10 under {str(root)!r}: {err}; delete the folder "
-                        "and download again") from err
-    return CifarArrays(
-        train.data, np.asarray(train.targets, np.int64), test.data,
-        np.asarray(test.targets, np.int64), tuple(train.classes), f"torchvision:{root}",
-    )
+        raise DataError(f"torchvision CIFAR10 under {str(root)!r}: {err}; delete the folder and download "
+                        "again") from err
+    return CifarArrays(train.data, np.asarray(train.targets, np.int64), test.data,
+                       np.asarray(test.targets, np.int64), tuple(train.classes), f"torchvision:{root}")
 
 
 def load_image_folder(root: str | os.PathLike) -> CifarArrays:
-    """Read an ImageFolder tree (train/<class>/*, test/<class>/*) into uint8 arrays."""
+    """Read an ImageFolder tree (train/<class>/*, test/<class>/*) into uint8 arrays; a class's index
+    is its folder's place in sorted order, as torchvision's ImageFolder has it."""
     root = Path(root)
-    _check_splits(root)
-    splits = {split: _read_split(root / split) for split in ("train", "test")}
-    classes = splits["train"][2]
-    if splits["test"][2] != classes:
-        raise DataError(
-            f"{str(root)!r}: train/ and test/ have different class folders: "
-            f"{list(classes)} vs {list(splits['test'][2])}"
-        )
-    (xtr, ytr, _, skipped_train), (xte, yte, _, skipped_test) = splits["train"], splits["test"]
-    skipped = {k: skipped_train.get(k, 0) + skipped_test.get(k, 0)
-               for k in sorted(skipped_train | skipped_test)}
-    return CifarArrays(xtr, ytr, xte, yte, classes, f"image-folder:{root}", skipped)
+    (xtr, ytr, classes), (xte, yte, test_classes) = (_read_split(root / s) for s in ("train", "test"))
+    if test_classes != classes:
+        raise DataError(f"{str(root)!r}: train/ and test/ have different class folders: "
+                        f"{list(classes)} vs {list(test_classes)}")
+    return CifarArrays(xtr, ytr, xte, yte, classes, f"image-folder:{root}")
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -148,23 +109,16 @@ def _visible(folder: Path) -> list[Path]:
         raise DataError(f"cannot list {str(folder)!r}: {err.strerror or err}") from err
 
 
-def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], dict[str, int]]:
-    """Decode every image of one split; class index = position of its folder in sorted order.
-
-    Also returns how many files were skipped, by suffix (not an image type this loader reads).
-    """
+def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Decode every image of one split (files of other types are left alone)."""
     from PIL import Image, UnidentifiedImageError
 
     classes = tuple(sorted(p.name for p in _visible(folder) if p.is_dir()))
     if not classes:
         raise DataError(f"{str(folder)!r} holds no class folders; expected {folder.name}/<class>/*")
-    images, labels, skipped = [], [], {}
+    images, labels = [], []
     for index, name in enumerate(classes):
-        entries = sorted(p for p in _visible(folder / name) if p.is_file())
-        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-        for path in entries:
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped[path.suffix.lower() or "(none)"] = skipped.get(path.suffix.lower() or "(none)", 0) + 1
+        files = sorted(p for p in _visible(folder / name) if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"class folder {str(folder / name)!r} holds no images {IMAGE_SUFFIXES}")
         for path in files:
@@ -177,7 +131,7 @@ def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], 
                 raise DataError(f"image {str(path)!r} is {array.shape}, expected (32, 32, 3)")
             images.append(array)
             labels.append(index)
-    return np.stack(images), np.asarray(labels, np.int64), classes, skipped
+    return np.stack(images), np.asarray(labels, np.int64), classes
 
 
 def make_synthetic_cifar(n_train: int = 500, n_test: int = 200, seed: int = 0) -> CifarArrays:
@@ -188,14 +142,12 @@ def make_synthetic_cifar(n_train: int = 500, n_test: int = 200, seed: int = 0) -
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.arange(n) % 10
         rng.shuffle(labels)
-        noise = rng.normal(0, 25, size=(n, 32, 32, 3))
-        images = palette[labels][:, None, None, :] + noise
+        images = palette[labels][:, None, None, :] + rng.normal(0, 25, size=(n, 32, 32, 3))
         for i, label in enumerate(labels):  # a class-specific stripe gives GradCAM something to find
             images[i, 3 * label: 3 * label + 3, :, :] = 255 - palette[label]
         return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
-    xtr, ytr = split(n_train)
-    xte, yte = split(n_test)
+    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
     return CifarArrays(xtr, ytr, xte, yte, CIFAR10_CLASSES, f"synthetic(seed={seed})")
 
 
@@ -209,15 +161,28 @@ def take_subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int
     return images[keep], labels[keep]
 
 
-# ----------------------------------------------------------------------------- summary
+def load_data(data_dir: str | os.PathLike | None, download: bool = False, train_subset: int | None = None,
+              test_subset: int | None = None, seed: int = 0, synthetic: bool = False,
+              urls: list[str] | None = None, progress: bool = True) -> CifarArrays:
+    """Load (or synthesise) the dataset and cut the optional seeded subsets for quick runs."""
+    if synthetic:
+        data = make_synthetic_cifar(train_subset or 500, test_subset or 200, seed)
+    elif data_dir is None:
+        raise DataError("no data folder given; pass data_dir (or synthetic=True for a smoke run)")
+    else:
+        data = load_cifar10(data_dir, download, urls, progress)
+    data.train_images, data.train_labels = take_subset(data.train_images, data.train_labels, train_subset,
+                                                       seed)
+    data.test_images, data.test_labels = take_subset(data.test_images, data.test_labels, test_subset,
+                                                     seed + 1)
+    return data
 
 
 def channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std over every pixel of a uint8 NHWC array, in [0, 1] units."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected NHWC images with 3 channels, got shape {images.shape}")
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
+    total, total_sq = np.zeros(3), np.zeros(3)
     for start in range(0, len(images), 4096):  # chunks keep float64 memory small
         chunk = images[start:start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
         total += chunk.sum(0)
@@ -228,45 +193,7 @@ def channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-@dataclass
-class DataSummary:
-    """What a student should know about the data before training on it."""
-
-    classes: tuple[str, ...]
-    train_counts: np.ndarray
-    test_counts: np.ndarray
-    image_shape: tuple[int, ...]
-    dtype: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def table(self):
-        """Per-class counts for train and test as a pandas DataFrame (with a total row)."""
-        import pandas as pd
-
-        frame = pd.DataFrame(
-            {"train": self.train_counts, "test": self.test_counts}, index=list(self.classes)
-        )
-        frame.loc["total"] = frame.sum()
-        return frame
-
-
-def summarize(data: CifarArrays) -> DataSummary:
-    """Counts per class, image shape and dtype, and mean/std computed from the train set."""
-    n = len(data.classes)
-    mean, std = channel_mean_std(data.train_images)
-    return DataSummary(
-        classes=data.classes,
-        train_counts=np.bincount(data.train_labels, minlength=n),
-        test_counts=np.bincount(data.test_labels, minlength=n),
-        image_shape=tuple(data.train_images.shape[1:]),
-        dtype=str(data.train_images.dtype),
-        mean=mean,
-        std=std,
-    )
-
-
-# ----------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------- augmentations
 
 
 def get_transforms(recipe: Recipe, train: bool, mean, std):
@@ -288,9 +215,8 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
     if train and aug.hflip_p:
         steps.append(A.HorizontalFlip(p=aug.hflip_p))
     if train and (aug.shift_limit or aug.scale_limit):
-        # Uncovered borders take the dataset mean, which normalizes to ~0 (no signal).
-        # translate_px, not translate_percent: albumentations 2.0.8 truncates the percent to whole
-        # pixels, so +-6.25% of 32 px moved images by at most 1 px (checked on pixels), not 2.
+        # Whole pixels (translate_px): albumentations 2.0.8 truncates translate_percent to whole
+        # pixels, which moved images by at most 1 px instead of 2 (checked on pixels).
         shift = round(aug.shift_limit * 32)
         steps.append(A.Affine(translate_px=(-shift, shift),
                               scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
@@ -298,7 +224,6 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
                               keep_ratio=True,  # one zoom for both axes, as ShiftScaleRotate
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
     elif train and aug.rotate_limit:
-        # Corners uncovered by the rotation take the dataset mean, which normalizes to ~0.
         steps.append(A.Rotate(limit=(-aug.rotate_limit, aug.rotate_limit), p=1.0,
                               border_mode=cv2.BORDER_CONSTANT, fill=mean_fill))
     if train and aug.cutout_size:
@@ -306,11 +231,9 @@ def get_transforms(recipe: Recipe, train: bool, mean, std):
         side = aug.cutout_size
         steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(side, side),
                                      hole_width_range=(side, side), fill=mean_fill, p=aug.cutout_p))
+    # Borders, corners and holes take the dataset mean, which normalizes to ~0: no signal.
     steps += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(steps)
-
-
-# ----------------------------------------------------------------------------- datasets and loaders
 
 
 def seed_transform(transform, seed: int | np.random.SeedSequence) -> None:
@@ -340,12 +263,12 @@ def shuffle_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-class CifarDataset(Dataset):
-    """Images + labels with a transform that is reseeded per (seed, epoch, index).
+# ----------------------------------------------------------------------------- datasets and loaders
 
-    Per-sample seeds make the augmented images independent of the number of workers and let a
-    resumed run see exactly the images an uninterrupted run would have seen.
-    """
+
+class CifarDataset(Dataset):
+    """Images + labels with a transform reseeded per (seed, epoch, index): the augmented images do
+    not depend on the number of workers, and a resumed run sees those an uninterrupted run would."""
 
     STREAMS = "SeedSequence(seed, spawn_key=(2, epoch, index))"  # in checkpoints: how draws are made
 
@@ -354,14 +277,9 @@ class CifarDataset(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self._fingerprint: str | None = None
-        # In shared memory: persistent workers hold their own copy of the
-        # dataset, and a plain attribute set in the main process would never reach them.
+        # In shared memory: persistent workers hold their own copy of the dataset, and a plain
+        # attribute set in the main process would never reach them.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        """The epoch whose augmentation stream __getitem__ draws from."""
-        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of this epoch (persistent workers see it too)."""
@@ -382,9 +300,8 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if hasattr(self.transform, "set_random_state"):
-            seed_transform(self.transform, augment_stream(self.seed, self.epoch, index))
-        image = self.transform(image=self.images[index])["image"]
-        return image, int(self.labels[index])
+            seed_transform(self.transform, augment_stream(self.seed, int(self._epoch), index))
+        return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -394,7 +311,6 @@ class EpochShuffleSampler(Sampler[int]):
         self.size, self.seed, self.epoch = size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of this epoch."""
         self.epoch = epoch
 
     def __iter__(self):
@@ -406,20 +322,17 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
-    """Loader workers ignore SIGINT: Ctrl-C (or a notebook's stop) reaches the whole process group,
-    and a worker it killed would take the loader down before training could save and stop.
-    Workers need no seeding: CifarDataset seeds every image's augmentations itself."""
+    """Loader workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker it killed
+    would take the loader down before training could stop cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_num_workers(device: torch.device | str) -> int:
-    """Loader workers: all cores but one on a GPU (up to 16); on a CPU none up to 4 cores, else a few.
+    """All cores but one (up to 16) feeding a GPU; on a CPU, none up to 4 cores, else a few.
 
-    One loader process augments 2,000-5,000 images/s (measured on 2-core CPUs). A GPU trains faster
-    than that, so a GPU run wants every spare core. On a 2-core CPU the model is the bottleneck
-    (S10 ~48, S8 ~36, S9 ~390 img/s in fp32 on a Zen 3; S10 ~260, S8 ~160, S9 ~1,260 in bf16 on a
-    Zen 5): augmenting in the main process costs 1-17% there, and a worker process would take that
-    time from the model's two threads anyway.
+    One loader process augments 2,000-5,000 images/s on 2-core CPUs, faster than a 2-core CPU trains
+    (S8 ~160, S10 ~260, S9 ~1,260 img/s in bf16 on a Zen 5): there a worker would only take the
+    model's cores.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.device(device).type == "cuda":
@@ -427,34 +340,17 @@ def default_num_workers(device: torch.device | str) -> int:
     return 0 if cores <= 4 else min(4, cores // 4)
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    train: bool,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    num_workers: int | None = None,
-    fast: bool = True,
-) -> DataLoader:
-    """Train: per-epoch seeded shuffle; test: fixed order. `fast` adds pinning, prefetching and
-    workers that persist between epochs."""
+def make_loader(dataset: Dataset, batch_size: int, train: bool, device: torch.device | str = "cpu",
+                seed: int = 0, num_workers: int | None = None, fast: bool = True) -> DataLoader:
+    """Train: a seeded shuffle per epoch; test: in order. `fast` pins memory for a GPU and keeps
+    the workers alive between epochs."""
     on_cuda = torch.device(device).type == "cuda"
     workers = default_num_workers(device) if num_workers is None else num_workers
-    options = {}
-    if fast and workers > 0:  # workers kept between epochs: no restart cost per epoch
-        options = {"persistent_workers": True, "prefetch_factor": 4 if on_cuda else 2}
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=fast and on_cuda,
-        worker_init_fn=_leave_ctrl_c_to_the_main_process,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
-        **options,
-    )
+    kept = {"persistent_workers": True, "prefetch_factor": 4 if on_cuda else 2} if fast and workers else {}
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
+                      pin_memory=fast and on_cuda, worker_init_fn=_leave_ctrl_c_to_the_main_process,
+                      generator=torch.Generator().manual_seed(seed), **kept)
 
 
 def build_loaders(data: CifarArrays, recipe: Recipe, mean, std, device="cpu", seed: int = 0,
@@ -462,14 +358,12 @@ def build_loaders(data: CifarArrays, recipe: Recipe, mean, std, device="cpu", se
                   fast: bool = True) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders for a recipe: augmented + shuffled, and normalized + in order."""
     batch = batch_size or recipe.batch_size
-    train_set = CifarDataset(data.train_images, data.train_labels,
-                             get_transforms(recipe, True, mean, std), seed)
-    test_set = CifarDataset(data.test_images, data.test_labels,
-                            get_transforms(recipe, False, mean, std), seed)
+    augmented, normalized = (get_transforms(recipe, train, mean, std) for train in (True, False))
+    train_set = CifarDataset(data.train_images, data.train_labels, augmented, seed)
+    test_set = CifarDataset(data.test_images, data.test_labels, normalized, seed)
     train = make_loader(train_set, batch, True, device, seed, num_workers, fast)
     # Evaluation has no backward pass, so twice the batch fits in the same memory.
-    test = make_loader(test_set, 2 * batch, False, device, seed, num_workers, fast)
-    return train, test
+    return train, make_loader(test_set, 2 * batch, False, device, seed, num_workers, fast)
 
 
 def denormalize(images: torch.Tensor, mean, std) -> np.ndarray:
@@ -477,24 +371,5 @@ def denormalize(images: torch.Tensor, mean, std) -> np.ndarray:
     images = images.detach().float().cpu()
     if images.ndim == 3:
         images = images[None]
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return (images * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-
-
-def load_data(data_dir: str | os.PathLike | None, download: bool = False,
-              train_subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-              synthetic: bool = False, urls: list[str] | None = None,
-              progress: bool = True) -> CifarArrays:
-    """Load (or synthesise) the dataset and cut the optional seeded subsets for quick runs."""
-    if synthetic:
-        data = make_synthetic_cifar(train_subset or 500, test_subset or 200, seed)
-    elif data_dir is None:
-        raise DataError("no data folder given; pass data_dir (or synthetic=True for a smoke run)")
-    else:
-        data = load_cifar10(data_dir, download, urls, progress)
-    data.train_images, data.train_labels = take_subset(
-        data.train_images, data.train_labels, train_subset, seed)
-    data.test_images, data.test_labels = take_subset(
-        data.test_images, data.test_labels, test_subset, seed + 1)
-    return data

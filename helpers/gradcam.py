@@ -11,14 +11,13 @@ as pytorch-grad-cam does. Gradients come from `torch.autograd.grad` on the hooke
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at a dotted path such as 'layer3' or 'layer3.1', with a clear error."""
+    """The submodule at a dotted path such as 'layer3' or 'layer3.1', with a one-line error."""
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -27,23 +26,22 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 class GradCAM:
-    """Class-activation maps from the gradients flowing into `target_layer`."""
+    """Class-activation maps from the gradients flowing into `layer` (a module or its dotted name)."""
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module | str) -> None:
         self.model = model
-        self.layer = find_layer(model, target_layer) if isinstance(target_layer, str) else target_layer
+        self.layer = find_layer(model, layer) if isinstance(layer, str) else layer
         self._activation: torch.Tensor | None = None
-        self._handle = self.layer.register_forward_hook(self._keep_activation)
+        self._hook = self.layer.register_forward_hook(self._keep_activation)
 
     def _keep_activation(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self._activation = output
 
     def release(self) -> None:
         """Remove the hook; the object cannot be used afterwards."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._activation = None
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self._activation = None
 
     def __enter__(self) -> GradCAM:
         return self
@@ -52,8 +50,8 @@ class GradCAM:
         self.release()  # returns None, so exceptions propagate
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Maps [B, H, W] in [0, 1] for `targets` (LongTensor [B]; None: the predicted class)."""
-        if self._handle is None:
+        """Maps [B, H, W] in [0, 1] for `targets` ([B] class indices; None: the predicted classes)."""
+        if self._hook is None:
             raise RuntimeError("GradCAM was released; create a new one")
         if images.ndim != 4:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
@@ -63,18 +61,17 @@ class GradCAM:
             with torch.enable_grad():
                 # A leaf that needs grad keeps the graph alive even if the model is frozen.
                 logits = self.model(images.detach().requires_grad_(True))
-                activation = self._activation
+                activation, self._activation = self._activation, None  # the hook kept it
                 if targets is None:
                     targets = logits.argmax(1)
-                targets = torch.as_tensor(targets, device=logits.device).long().view(-1, 1)
-                if targets.shape[0] != logits.shape[0]:
-                    raise ValueError(f"{targets.shape[0]} targets for {logits.shape[0]} images")
+                targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
+                if len(targets) != len(logits):
+                    raise ValueError(f"{len(targets)} targets for {len(logits)} images")
                 # Samples do not interact in eval mode, so the gradient of the summed scores
                 # holds each sample's own gradient: a batch equals one image at a time.
-                score = logits.gather(1, targets).sum()
+                score = logits.gather(1, targets[:, None]).sum()
                 (grads,) = torch.autograd.grad(score, activation)
         finally:
-            self._activation = None
             self.model.train(was_training)
         cam = cam_from(activation.detach().float(), grads.float())
         return normalize_per_image(upsample(cam, images.shape[-2:]))
@@ -82,8 +79,7 @@ class GradCAM:
 
 def cam_from(activation: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """ReLU(sum_k mean_xy(dY/dA_k) * A_k): [B, K, h, w] -> [B, h, w]."""
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * activation).sum(1))
+    return F.relu((grads.mean((2, 3), keepdim=True) * activation).sum(1))
 
 
 def upsample(cam: torch.Tensor, size) -> torch.Tensor:
@@ -92,47 +88,6 @@ def upsample(cam: torch.Tensor, size) -> torch.Tensor:
 
 
 def normalize_per_image(cam: torch.Tensor) -> torch.Tensor:
-    """(x - min) / (max - min + 1e-7) per image: [0, 1], and a constant map becomes zeros (never NaN)."""
-    flat = cam.flatten(1)
-    flat = flat - flat.min(1, keepdim=True).values
-    flat = flat / (flat.max(1, keepdim=True).values + 1e-7)
-    return flat.view_as(cam)
-
-
-def overlay(image: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = 0.4,
-            cmap: str = "jet") -> np.ndarray:
-    """Blend a colour-mapped CAM over an HWC image (uint8 or floats in [0, 1]) -> floats in [0, 1]."""
-    from matplotlib import colormaps
-
-    image = np.asarray(image, dtype=np.float32)
-    if image.max() > 1.0:
-        image = image / 255.0
-    cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-    if cam.shape != image.shape[:2]:
-        raise ValueError(f"CAM shape {cam.shape} does not match image shape {image.shape[:2]}")
-    heat = colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
-    return np.clip((1 - alpha) * image + alpha * heat, 0, 1)
-
-
-def explain(model: nn.Module, layer: nn.Module | str, images: torch.Tensor,
-            targets: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
-    """GradCAM maps [N, H, W] for a stack of model-ready images, in batches, on the model's device."""
-    device = next(model.parameters()).device
-    maps = []
-    with GradCAM(model, layer) as cam:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size].to(device)
-            target = None if targets is None else targets[start:start + batch_size].to(device)
-            maps.append(cam(chunk, target).cpu())
-    return torch.cat(maps) if maps else torch.zeros(0, *images.shape[-2:])
-
-
-def explain_items(model: nn.Module, layer: nn.Module | str, dataset, indices,
-                  targets: torch.Tensor | None = None, channels_last: bool = False) -> torch.Tensor:
-    """GradCAM maps for dataset items (model-ready tensors, e.g. misclassified test images)."""
-    if len(indices) == 0:
-        return torch.zeros(0, 32, 32)
-    images = torch.stack([dataset[int(i)][0] for i in indices])
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return explain(model, layer, images, targets)
+    """(x - min) / (max - min + 1e-7) per [H, W] map: [0, 1], and a constant map becomes zeros (never NaN)."""
+    shifted = cam - cam.amin((1, 2), keepdim=True)
+    return shifted / (shifted.amax((1, 2), keepdim=True) + 1e-7)

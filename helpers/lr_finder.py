@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -14,12 +15,6 @@ from tqdm.auto import tqdm
 from .recipes import Recipe
 from .runtime import FP32_CPU, Runtime
 from .train import build_criterion, build_optimizer
-
-
-def rule(fraction: float) -> str:
-    """The suggestion rule in words."""
-    share = {1.0: "", 0.1: "a tenth of "}.get(fraction, f"{fraction:g} times ")
-    return f"{share}the LR at the minimum of the smoothed loss"
 
 
 class RangeTestError(RuntimeError):
@@ -45,30 +40,25 @@ class LRRangeResult:
 
 def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime: Runtime = FP32_CPU,
                   num_iter: int | None = None, progress: bool = True) -> LRRangeResult:
-    """Sweep the LR exponentially with the recipe's optimizer and loss; the weights are restored after.
-
-    The model is moved to the runtime's device and layout in place (as `fit` would); its weights
-    and train/eval mode are put back as they were, so training starts from the same initial state.
-    """
+    """Sweep the LR exponentially with the recipe's optimizer and loss. The model is moved to the runtime's
+    device and layout in place (as `fit` would); its weights and train/eval mode are restored after."""
     settings = recipe.lr_finder
     num_iter = num_iter or settings.num_iter
     if num_iter < 2:
         raise ValueError(f"the LR range test needs at least 2 iterations, got {num_iter}")
     model = runtime.prepare(model)
-    saved = copy.deepcopy(model.state_dict())
-    was_training = model.training
-    optimizer = build_optimizer(model, recipe, settings.start_lr)
-    criterion = build_criterion(recipe)
+    saved, was_training = copy.deepcopy(model.state_dict()), model.training
+    optimizer, criterion = build_optimizer(model, recipe, settings.start_lr), build_criterion(recipe)
     scaler = runtime.scaler()  # fp16 (T4) needs loss scaling here as much as in training
     factor = (settings.end_lr / settings.start_lr) ** (1 / (num_iter - 1))
-    lrs, raw, smoothed, average, best = [], [], [], 0.0, math.inf
-    batches = _cycle(loader)
+    lrs, raw, smoothed, average = [], [], [], 0.0
+    batches = (batch for _ in itertools.count() for batch in loader)  # as many passes as the sweep needs
     model.train()
     try:
         for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not progress):
-            lr = settings.start_lr * factor**i
+            lrs.append(settings.start_lr * factor**i)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lrs[-1]
             images, labels = runtime.to_device(*next(batches))
             with runtime.autocast():
                 loss = criterion(model(images), labels)
@@ -76,14 +66,10 @@ def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            value = loss.item()  # the sweep needs every loss on the host anyway
-            average = settings.smooth * value + (1 - settings.smooth) * average
-            current = average / (1 - (1 - settings.smooth) ** (i + 1))
-            lrs.append(lr)
-            raw.append(value)
-            smoothed.append(current)
-            best = min(best, current)
-            if not math.isfinite(current) or current > settings.diverge * best:
+            raw.append(loss.item())  # the sweep needs every loss on the host anyway
+            average = settings.smooth * raw[-1] + (1 - settings.smooth) * average
+            smoothed.append(average / (1 - (1 - settings.smooth) ** (i + 1)))
+            if not math.isfinite(smoothed[-1]) or smoothed[-1] > settings.diverge * min(smoothed):
                 break
     finally:
         model.load_state_dict(saved)
@@ -94,24 +80,16 @@ def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime:
 
 def suggest_lr(lrs: list[float], smoothed: list[float], raw: list[float],
                fraction: float = 0.1) -> LRRangeResult:
-    """Apply the rule to a finished sweep: `fraction` of the LR where the smoothed loss is lowest.
-
-    At the minimum the loss is about to blow up; a tenth of it (fastai's rule of thumb) stays well
-    inside the stable region. A One Cycle warm-up from far lower can peak at the minimum itself
-    (S10 with Adam does). The steepest descent is reported for comparison.
-    """
+    """`fraction` of the LR where the smoothed loss is lowest. There the loss is about to blow up; a tenth
+    of it (fastai's rule of thumb) stays well inside the stable region, while a One Cycle warm-up from far
+    lower can peak at the minimum itself (S10 with Adam does). The steepest descent is for comparison."""
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     if len(finite) < 2:
         raise RangeTestError("the LR range test diverged at once (no finite loss); set the peak yourself "
                              "with onecycle.max_lr (CLI: --onecycle.max-lr), or lower lr_finder.start_lr")
     i_min = min(finite, key=lambda i: smoothed[i])
-    log_lr = np.log10(np.asarray(lrs)[finite])
-    slopes = np.gradient(np.asarray(smoothed)[finite], log_lr)
+    slopes = np.gradient(np.asarray(smoothed)[finite], np.log10(np.asarray(lrs)[finite]))
     steepest = lrs[finite[int(np.argmin(slopes[: max(finite.index(i_min), 1)]))]]
-    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] * fraction, lrs[i_min], steepest, rule(fraction))
-
-
-def _cycle(loader: DataLoader):
-    """Endless iteration over a loader."""
-    while True:
-        yield from loader
+    share = {1.0: "", 0.1: "a tenth of "}.get(fraction, f"{fraction:g} times ")
+    rule = f"{share}the LR at the minimum of the smoothed loss"
+    return LRRangeResult(lrs, smoothed, raw, lrs[i_min] * fraction, lrs[i_min], steepest, rule)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import re
-import types
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -157,155 +157,128 @@ S9 = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}
+FIXED = ("name", "model", "scheduler")  # what makes a recipe that recipe: no override changes them
 
-
-def get_recipe(name: str) -> Recipe:
-    """Look a recipe up by name, with a clear error for unknown names."""
-    try:
-        return RECIPES[name.lower()]
-    except KeyError:
-        raise OverrideError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}") from None
+# The values a run can use, in interval notation: "[" and "]" include the bound, "(" and ")" do not.
+RANGES = {
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "train_subset": "[1, inf)", "test_subset": "[1, inf)",
+    "num_misclassified": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
+    "label_smoothing": "[0, 1)", "augment.crop_padding": "[0, 16]", "augment.hflip_p": "[0, 1]",
+    "augment.rotate_limit": "[0, 180]", "augment.shift_limit": "[0, 0.5]", "augment.scale_limit": "[0, 1)",
+    "augment.affine_p": "[0, 1]", "augment.cutout_size": "[0, 32]", "augment.cutout_p": "[0, 1]",
+    "onecycle.peak_epoch": "[1, inf)", "onecycle.div_factor": "(1, inf)", "onecycle.max_lr": "(0, inf)",
+    "onecycle.final_div_factor": "[1, inf)", "onecycle.short_run_pct": "(0, 1)", "plateau.factor": "(0, 1)",
+    "plateau.patience": "[0, inf)", "plateau.threshold": "[0, inf)", "plateau.min_lr": "[0, inf)",
+    "lr_finder.start_lr": "(0, inf)", "lr_finder.end_lr": "(0, inf)", "lr_finder.num_iter": "[2, inf)",
+    "lr_finder.smooth": "(0, 1]", "lr_finder.diverge": "(1, inf)", "lr_finder.fraction": "(0, inf)",
+}
 
 
 class OverrideError(ValueError):
     """A recipe value that cannot be: an unknown key, a wrong type or a value out of range."""
 
 
+def get_recipe(name: str) -> Recipe:
+    """Look a recipe up by name, with a clear error for unknown names."""
+    if name.lower() not in RECIPES:
+        raise OverrideError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name.lower()]
+
+
+def keys(settings: Any = S10, prefix: str = "") -> dict[str, Any]:
+    """Every value a recipe holds but the FIXED ones, the same in every recipe: dotted key and type."""
+    found = {}
+    for name, hint in get_type_hints(type(settings)).items():
+        if dataclasses.is_dataclass(part := getattr(settings, name)):
+            found |= keys(part, f"{prefix}{name}.")
+        elif prefix or name not in FIXED:
+            found[prefix + name] = hint
+    return found
+
+
+def value_at(recipe: Any, key: str) -> Any:
+    """A recipe's value at a dotted key."""
+    return functools.reduce(getattr, key.split("."), recipe)
+
+
+def metavar(hint: Any) -> str:
+    """How a value of this type is written: INT, FLOAT, BOOL, DICT or a Literal's {choices}."""
+    if type(None) in get_args(hint):  # "X | None": X
+        return metavar(get_args(hint)[0])
+    return "{" + ",".join(get_args(hint)) + "}" if get_origin(hint) is Literal else hint.__name__.upper()
+
+
 def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
     """A copy of `recipe` with "key=value" assignments applied: "epochs=2 augment.cutout_p=0.5".
 
-    Values are read as their field's type; tuples and dicts as Python literals, and a dict is
-    merged into the recipe's: model_kwargs="{'strides': (1, 2, 2, 1)}" keeps S8's norm.
+    Values are read as their field's type, a dict as a Python literal that is merged into the
+    recipe's: model_kwargs="{'strides': (1, 2, 2, 1)}" keeps S8's norm.
     """
     if isinstance(assignments, str):  # split before each "key=", so a value may hold spaces
-        assignments = re.split(r"\s+(?=[A-Za-z_][\w.]*=)", assignments.strip()) if assignments.strip() else []
+        assignments = [a for a in re.split(r"\s+(?=[\w.]+=)", assignments.strip()) if a]
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
+        key, sep, text = (part.strip() for part in assignment.partition("="))
         if not sep:
             raise OverrideError(f"{assignment!r}: expected KEY=VALUE, such as epochs=2")
-        recipe = _set(recipe, key.strip().split("."), text.strip(), key.strip())
+        if key in FIXED:
+            raise OverrideError(f"{key}: a recipe's {key} is what makes it that recipe; pick another")
+        if key not in keys():
+            raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(keys())}")
+        value, current = _parse(text, keys()[key], key), value_at(recipe, key)
+        value = current | value if isinstance(current, dict) else value
+        section, _, name = key.rpartition(".")  # keys are at most one level deep
+        if section:
+            value = replace(getattr(recipe, section), **{name: value})
+        recipe = replace(recipe, **{section or name: value})
     check(recipe)
     return recipe
 
 
-def _set(settings: Any, path: list[str], text: str, key: str) -> Any:
-    """`settings` (a recipe or one of its parts) with the field at `path` set from `text`."""
-    names = [f.name for f in dataclasses.fields(settings)]
-    if isinstance(settings, Recipe) and path[0] in ("name", "model", "scheduler"):
-        raise OverrideError(f"{key}: a recipe's {path[0]} is what makes it that recipe; choose another")
-    if path[0] not in names:
-        raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(names)}")
-    current = getattr(settings, path[0])
-    if len(path) > 1:
-        value = _set(current, path[1:], text, key) if dataclasses.is_dataclass(current) else None
-        if value is None:
-            raise OverrideError(f"{key}: {path[0]} has no parts; set it whole")
-    else:
-        value = _parse(text, get_type_hints(type(settings))[path[0]], key)
-        if isinstance(current, dict):
-            value = current | value
-    return replace(settings, **{path[0]: value})
-
-
-def _parse(text: str, kind: Any, key: str) -> Any:
-    """`text` as a value of the type `kind`, or a one-line OverrideError that says what was expected."""
-    options = get_args(kind)
-    if get_origin(kind) in (Union, types.UnionType):  # "X | None"
-        if text.lower() == "none":
-            return None
-        kind = next(option for option in options if option is not type(None))
-        options = get_args(kind)
-    if get_origin(kind) is Literal:
-        if text not in options:
-            raise OverrideError(f"{key}={text}: expected one of {', '.join(options)}")
-        return text
+def _parse(text: str, hint: Any, key: str) -> Any:
+    """`text` as a value of the type `hint`, or a one-line OverrideError that says what was expected."""
+    if type(None) in get_args(hint):  # "X | None"
+        return None if text.lower() == "none" else _parse(text, get_args(hint)[0], key)
     try:
-        if kind is bool:
-            return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-        if kind in (int, float, str):
-            return kind(text)
-        value = ast.literal_eval(text)
-        if not isinstance(value, get_origin(kind) or kind):
-            raise ValueError
-        return value
-    except (KeyError, ValueError, SyntaxError):
-        name = getattr(get_origin(kind) or kind, "__name__", str(kind))
-        raise OverrideError(f"{key}={text}: expected {name}") from None
+        if hint is bool and text.lower() in ("true", "false", "1", "0"):
+            return text.lower() in ("true", "1")
+        if hint in (int, float, str):
+            return hint(text)
+        if get_origin(hint) is Literal and text in get_args(hint):
+            return text
+        if get_origin(hint) is dict and isinstance(value := ast.literal_eval(text), dict):
+            return value
+    except (ValueError, SyntaxError):
+        pass
+    raise OverrideError(f"{key}={text}: expected {metavar(hint)}")
 
 
 def check(recipe: Recipe) -> None:
-    """Refuse values no run can use, with one line that names the key and the allowed range."""
-    def within(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Any:
-        def ok(x: float | None) -> bool:
-            if x is None:
-                return True
-            above = low < x if low_open else low <= x
-            return math.isfinite(x) and above and (x < high if high_open else x <= high)
-        return ok
-
-    probability = within(0, 1)
-    rules = {
-        "epochs": within(1), "batch_size": within(1), "train_subset": within(1), "test_subset": within(1),
-        "num_misclassified": within(0), "lr": within(0, low_open=True), "weight_decay": within(0),
-        "momentum": within(0, 1, high_open=True), "label_smoothing": within(0, 1, high_open=True),
-        "augment.crop_padding": within(0, 16), "augment.hflip_p": probability,
-        "augment.rotate_limit": within(0, 180), "augment.shift_limit": within(0, 0.5),
-        "augment.scale_limit": within(0, 1, high_open=True), "augment.affine_p": probability,
-        "augment.cutout_size": within(0, 32), "augment.cutout_p": probability,
-        "onecycle.peak_epoch": within(1), "onecycle.div_factor": within(1, low_open=True),
-        "onecycle.final_div_factor": within(1), "onecycle.short_run_pct": within(0, 1, True, True),
-        "onecycle.max_lr": within(0, low_open=True), "plateau.factor": within(0, 1, True, True),
-        "plateau.patience": within(0), "plateau.threshold": within(0), "plateau.min_lr": within(0),
-        "lr_finder.start_lr": within(0, low_open=True), "lr_finder.end_lr": within(recipe.lr_finder.start_lr,
-                                                                                   low_open=True),
-        "lr_finder.num_iter": within(2), "lr_finder.smooth": within(0, 1, low_open=True),
-        "lr_finder.diverge": within(1, low_open=True), "lr_finder.fraction": within(0, low_open=True),
-    }
-    for key, ok in rules.items():
-        value = value_at(recipe, key)
-        if not ok(value):
-            raise OverrideError(f"{key}={value} is out of range; see the recipe's own value with --help")
+    """Refuse values no run can use, with one line that names the key and what it allows."""
+    for key, interval in RANGES.items():
+        value, (low, high) = value_at(recipe, key), map(float, interval[1:-1].split(","))
+        if value is not None and not (math.isfinite(value)  # at a bound only where "[" or "]" allows it
+                                      and (low < value or low == value and interval[0] == "[")
+                                      and (value < high or value == high and interval[-1] == "]")):
+            raise OverrideError(f"{key}={value} is out of range: expected a value in {interval}")
+    if recipe.lr_finder.end_lr <= recipe.lr_finder.start_lr:
+        raise OverrideError("the range test needs lr_finder.end_lr above lr_finder.start_lr")
     if recipe.nesterov and recipe.optimizer == "sgd" and recipe.momentum == 0:
         raise OverrideError("nesterov needs momentum > 0; set momentum or nesterov=false")
     # the schedule a recipe does not use must stay as it is: a change there would do nothing
-    unused = ("onecycle", OneCycle()) if recipe.scheduler == "plateau" else ("plateau", Plateau())
-    if getattr(recipe, unused[0]) != unused[1] or (recipe.scheduler == "plateau") != (recipe.lr is not None):
+    plateau = recipe.scheduler == "plateau"
+    unused, default = ("onecycle", OneCycle()) if plateau else ("plateau", Plateau())
+    if getattr(recipe, unused) != default or plateau != (recipe.lr is not None):
         raise OverrideError(f"{recipe.name} uses {recipe.scheduler}: set lr and plateau.* for "
                             "ReduceLROnPlateau, onecycle.* for One Cycle")
     # the assignment's LR was chosen for its optimizer: another optimizer must bring its own
-    assignment = get_recipe(recipe.name)
-    fixed = assignment.lr or assignment.onecycle.max_lr
-    if (recipe.optimizer != assignment.optimizer and fixed is not None
-            and (recipe.lr, recipe.onecycle.max_lr) == (assignment.lr, assignment.onecycle.max_lr)):
-        key = "lr" if recipe.scheduler == "plateau" else "onecycle.max_lr"
+    assignment, key = get_recipe(recipe.name), "lr" if plateau else "onecycle.max_lr"
+    fixed = value_at(assignment, key)
+    if recipe.optimizer != assignment.optimizer and fixed is not None and value_at(recipe, key) == fixed:
         raise OverrideError(f"optimizer={recipe.optimizer} replaces {assignment.optimizer}, whose {key} "
                             f"{fixed:g} was chosen for it: set {key} too")
-
-
-def keys(settings: Any = None, prefix: str = "") -> list[str]:
-    """Every value a recipe holds, as dotted keys ("epochs", "augment.cutout_p"), from the dataclasses;
-    not the name, model and scheduler, which make a recipe that recipe."""
-    settings = S10 if settings is None else settings  # every recipe has the same keys
-    found = []
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if dataclasses.is_dataclass(value):
-            found += keys(value, f"{prefix}{f.name}.")
-        elif prefix or f.name not in ("name", "model", "scheduler"):
-            found.append(prefix + f.name)
-    return found
-
-
-def value_at(recipe: Recipe, key: str) -> Any:
-    """A recipe's value at a dotted key."""
-    value: Any = recipe
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def differences(recipe: Recipe) -> dict[str, Any]:
     """The values where `recipe` differs from the assignment of its name, as dotted keys."""
     assignment = get_recipe(recipe.name)
-    return {key: value_at(recipe, key) for key in keys()
-            if value_at(recipe, key) != value_at(assignment, key)}
+    return {k: value_at(recipe, k) for k in keys() if value_at(recipe, k) != value_at(assignment, k)}

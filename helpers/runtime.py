@@ -1,5 +1,4 @@
-"""How a run uses the machine: device, seeds, mixed precision and memory layout, run metadata and
-atomic file writes."""
+"""How a run uses the machine: device, seeds, precision and memory layout, run metadata, atomic files."""
 
 from __future__ import annotations
 
@@ -24,14 +23,6 @@ class DeviceError(ValueError):
     """A device was asked for that this machine does not have."""
 
 
-def available_devices() -> list[str]:
-    """The device types this machine can run on, best first."""
-    found = ["cuda"] if torch.cuda.is_available() else []
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        found.append("mps")
-    return found + ["cpu"]
-
-
 def in_colab() -> bool:
     """True inside a Google Colab runtime (its notebook kernel, or a command run from it)."""
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
@@ -40,27 +31,25 @@ def in_colab() -> bool:
 def pick_device(name: str | None = None) -> torch.device:
     """The named device if this machine has it, else the best available (CUDA, MPS, CPU).
 
-    Colab without a GPU is refused unless the CPU is named: its CPUs take hours for what a T4
-    trains in minutes, and a runtime opened without a GPU is almost always a missed setting.
-    """
+    Colab without a GPU is refused unless a device is named: its CPUs take hours for what a T4
+    trains in minutes, and a runtime opened without a GPU is almost always a missed setting."""
+    available = ["cuda"] if torch.cuda.is_available() else []
+    available += (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]  # best first
     if not name:
-        best = available_devices()[0]
-        if best == "cpu" and in_colab():
+        if available[0] == "cpu" and in_colab():
             raise DeviceError("this Colab runtime has no GPU: choose Runtime > Change runtime type > "
                               "T4 GPU, then Run all again (to train on its CPUs anyway, for hours, "
                               "set CIFAR_DEVICE=cpu, or pass --device cpu)")
-        return torch.device(best)
+        return torch.device(available[0])
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DeviceError(f"unknown device {name!r}; expected cuda, mps or cpu") from None
-    if device.type not in available_devices():
+    gpus = torch.cuda.device_count() if "cuda" in available else 0
+    if device.type not in available or (device.type == "cuda" and (device.index or 0) >= gpus):
         hint = " (in Colab: Runtime > Change runtime type > T4 GPU)" if device.type == "cuda" else ""
-        raise DeviceError(f"device {name!r} is not available on this machine{hint}; "
-                          f"available: {', '.join(available_devices())}")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                          "numbered from 0")
+        raise DeviceError(f"device {name!r} is not available on this machine{hint}; available: "
+                          f"{', '.join(available)}" + (f" ({gpus} GPU(s), from cuda:0)" if gpus else ""))
     return device
 
 
@@ -88,16 +77,14 @@ class Runtime:
 
     @classmethod
     def for_device(cls, device: torch.device | str, fast: bool = True, compile: bool = False) -> Runtime:
-        """bf16 + channels_last where the hardware runs bf16 natively; fp16 on older GPUs; else fp32."""
+        """bf16 + channels_last where bf16 is native; fp16 on older GPUs; else (or not `fast`) fp32 NCHW."""
         device = torch.device(device)
-        if not fast:
-            return cls(device, compile=compile)  # plain is fp32 NCHW; compiling is separate
-        if device.type == "cuda":
+        if fast and device.type == "cuda":
             # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
             # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.
             native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
             return cls(device, torch.bfloat16 if native_bf16 else torch.float16, True, compile)
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if fast and device.type == "cpu" and cpu_has_native_bf16():
             return cls(device, torch.bfloat16, True, compile)
         # fp32 CPU: channels_last measured slower than NCHW for these convnets (44 vs 48 img/s).
         return cls(device, compile=compile)
@@ -117,23 +104,18 @@ class Runtime:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device in this runtime's memory layout."""
         if self.device.type == "cuda":
-            # cuDNN times its convolution algorithms once per input shape and keeps the fastest;
-            # a run has four shapes (train and test, full and last batch), so this pays at once.
+            # cuDNN times its algorithms once per input shape (a run has four) and keeps the fastest.
             torch.backends.cudnn.benchmark = True
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=layout)
 
     def stepper(self, model: nn.Module) -> nn.Module:
-        """The module training steps: the model itself, or torch.compile'd when asked.
-
-        Static shapes: a run sees four batch sizes (train and eval, full and last), each compiled
-        once, so the full batches keep a graph specialised to their size.
-        """
+        """The module training steps: the model itself, or torch.compile'd when asked."""
+        # Static shapes: each of the four batch sizes is compiled once, the full batches specialised.
         return torch.compile(model, dynamic=False) if self.compile else model
 
     def autocast(self) -> AbstractContextManager:
-        """Autocast context for the forward pass; in fp32 no autocast at all (torch < 2.5 refuses
-        even a disabled one on MPS)."""
+        """Autocast for the forward pass; in fp32 none at all (torch < 2.5 refuses a disabled one on MPS)."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -149,36 +131,26 @@ class Runtime:
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-blocking copy of a batch, in this runtime's memory layout."""
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        images = images.to(self.device, non_blocking=True, memory_format=layout)
         return images, labels.to(self.device, non_blocking=True)
 
 
 FP32_CPU = Runtime()  # the default of functions that take a runtime: plain fp32 on the CPU
 
 
-# ----------------------------------------------------------------------------- run metadata
-
-
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's name with its x86 family and model, from /proc/cpuinfo; else what platform reports."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""  # Linux only
     first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block: all cores are alike here
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    name = fields.get("model name")
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    name, family, model = fields.get("model name"), fields.get("cpu family"), fields.get("model")
     if not name:
         return platform.processor() or platform.machine()
     # VMs often name only the brand ("AMD EPYC"): family and model tell a Zen 3 (25) from a Zen 5 (26),
     # which is the difference between fp32 and native bf16 for this project.
-    if "cpu family" in fields and "model" in fields:
-        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
-    return name
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def device_name(device: torch.device) -> str:
@@ -194,31 +166,27 @@ def peak_memory_gib(device: torch.device) -> float | None:
     """The most memory held: on a GPU by tensors (since the last reset), on a CPU by this process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    if device.type != "cpu":
+    if device.type != "cpu" or sys.platform == "win32":  # Windows has no `resource` module
         return None
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
+    import resource
+
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
-    """The checked-out commit of the repository holding this package (None outside a checkout).
+    """The checked-out commit of the repository holding this package (None outside a checkout), with
+    "+dirty" for changed tracked files, except the figures in images/ that a notebook writes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder or Path(__file__).resolve().parent, check=True,
+                              capture_output=True, text=True, timeout=5).stdout.strip()
 
-    "+dirty" marks changed tracked files, except the figures in images/ that a notebook writes.
-    """
-    folder = folder or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
-                             text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ":(top)", ":(top,exclude)images"], cwd=folder,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)images")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() + ("+dirty" if dirty else "")
+    return commit + ("+dirty" if dirty else "")
 
 
 def utc_now() -> str:
@@ -233,27 +201,16 @@ def run_metadata(runtime: Runtime) -> dict[str, Any]:
 
     device = runtime.device
     meta = {
-        "time_utc": utc_now(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu": cpu_model(),
+        "time_utc": utc_now(), "device": str(device), "device_name": device_name(device), "cpu": cpu_model(),
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "runtime": runtime.describe(),
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "albumentations": albumentations.__version__,
+        "torch_threads": torch.get_num_threads(), "runtime": runtime.describe(), "git_commit": git_commit(),
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "albumentations": albumentations.__version__,
         "numpy": np.__version__,
     }
     if device.type == "cuda":
         meta.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return meta
-
-
-# ----------------------------------------------------------------------------- files
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -265,18 +222,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(str(tmp))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete temporary files that a killed run left behind in `folder` (`.NAME.tmpPID`)."""
-    folder = Path(folder)
+    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; their names."""
     removed = []
-    if folder.is_dir():
-        for tmp in folder.glob(".*.tmp*"):
-            pid = tmp.name.rpartition(".tmp")[2]
-            if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp.name)
+    for tmp in Path(folder).glob(".*.tmp*"):  # nothing if the folder does not exist
+        pid = tmp.name.rpartition(".tmp")[2]
+        if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
     return removed

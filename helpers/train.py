@@ -3,7 +3,6 @@ and `fit`, which ties them together."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -13,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,29 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .recipes import OPTIMIZERS, Recipe
-from .runtime import FP32_CPU, Runtime, atomic_write, device_name, peak_memory_gib, utc_now
+from .runtime import (
+    FP32_CPU,
+    Runtime,
+    atomic_write,
+    device_name,
+    git_commit,
+    peak_memory_gib,
+    remove_stale_temporaries,
+    utc_now,
+)
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv and linear weights only: not on norm scales/shifts nor biases."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    params = [param for param in model.parameters() if param.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer (Adam, AdamW or SGD+Nesterov) at `lr`, by default the recipe's starting
-    LR; a One Cycle recipe has none (its scheduler sets every step's LR), so pass its peak."""
+    """The recipe's optimizer at `lr`, by default the recipe's LR; One Cycle has none, so pass its peak."""
     groups = parameter_groups(model, recipe.weight_decay)
     lr = recipe.lr if lr is None else lr
     if lr is None or not (math.isfinite(lr) and lr > 0):
@@ -48,8 +52,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -
     if recipe.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if recipe.optimizer == "adamw":
-        # Decay decoupled from the gradient (w -= lr * wd * w), not Adam's L2 term that the second
-        # moment rescales per weight: the usual fix for normalized nets, so its wd is ~100x larger.
+        # decay decoupled from the gradient (w -= lr * wd * w), not an L2 term that Adam's second
+        # moment rescales per weight: the usual fix for normalized nets, so its wd is ~100x larger
         return torch.optim.AdamW(groups, lr=lr)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
@@ -69,29 +73,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
             raise ValueError(f"One Cycle needs a positive finite max_lr, got {max_lr}")
         cycle = recipe.onecycle
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=max_lr,
-            epochs=recipe.epochs,
-            steps_per_epoch=steps_per_epoch,
+            optimizer, max_lr=max_lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
             pct_start=cycle.pct_start(recipe.epochs),  # peak at the end of epoch `peak_epoch`
-            anneal_strategy=cycle.anneal,
-            three_phase=False,
-            div_factor=cycle.div_factor,
-            final_div_factor=cycle.final_div_factor,
-            cycle_momentum=False,
-        )
+            anneal_strategy=cycle.anneal, three_phase=False, div_factor=cycle.div_factor,
+            final_div_factor=cycle.final_div_factor, cycle_momentum=False)
     if recipe.scheduler == "plateau":
         plateau = recipe.plateau
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=plateau.factor, patience=plateau.patience,
-            threshold=plateau.threshold, threshold_mode="abs", min_lr=plateau.min_lr,
-        )
+            threshold=plateau.threshold, threshold_mode="abs", min_lr=plateau.min_lr)
     raise ValueError(f"unknown scheduler {recipe.scheduler!r}; expected 'onecycle' or 'plateau'")
-
-
-def is_per_batch(scheduler) -> bool:
-    """True for schedules stepped every batch (One Cycle), False for per-epoch ones (Plateau)."""
-    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
 
 
 # ----------------------------------------------------------------------------- epoch loops
@@ -101,11 +92,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     runtime: Runtime = FP32_CPU, scheduler=None,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
                     desc: str = "train") -> dict[str, float]:
-    """One pass over the loader; returns mean loss, accuracy, seconds, images and the last LR.
-
-    `scheduler` is stepped after every update (One Cycle); an update the fp16 loss scaler skips
-    (gradients with an inf or NaN, as the first steps of a run often have) does not use up an LR.
-    """
+    """One pass over the loader: mean loss, accuracy, seconds, images, last LR. `scheduler` (One Cycle)
+    steps after every update but one the fp16 loss scaler skips (an inf or NaN gradient, common early on)."""
     model.train()
     scaler = scaler or runtime.scaler()
     loss_sum = torch.zeros((), device=runtime.device)  # sums stay on the device: reading them back
@@ -140,15 +128,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, runtime: Runtime = FP32_CPU,
-             progress: bool = True) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, runtime: Runtime = FP32_CPU, progress: bool = True) -> dict:
     """Mean cross-entropy WITHOUT label smoothing, and accuracy, over the loader."""
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    for images, labels in tqdm(loader, desc="test", leave=False, disable=not progress,
-                               dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc="test", leave=False, disable=not progress, dynamic_ncols=True):
         images, labels = runtime.to_device(images, labels)
         with runtime.autocast():
             logits = model(images)
@@ -167,18 +153,13 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Save a training state atomically; a failed write says why and how to continue."""
+    """Save a training state atomically; a failed write (full disk, read-only folder) says how to go on."""
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
-        folder = Path(path).parent
-        free = shutil.disk_usage(folder).free if folder.exists() else 0
-        cause = ("the disk is full" if free < 256 * 2**20 else
-                 "the folder is not writable" if not os.access(folder, os.W_OK) else str(err))
-        raise CheckpointError(
-            f"could not write checkpoint {str(path)!r}: {cause} ({free / 2**30:.1f} GiB free); "
-            f"free space or fix the folder, then run the same command to resume from the end of epoch "
-            f"{state['epoch'] - 1} or a later save") from err
+        free = shutil.disk_usage(Path(path).parent).free / 2**30
+        raise CheckpointError(f"could not write checkpoint {str(path)!r} ({free:.1f} GiB free): {err}; free "
+                              "space or fix the folder, then run the same command to resume") from err
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
@@ -196,31 +177,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
 
 def read_resume_state(checkpoint_dir: str | os.PathLike | None) -> dict[str, Any] | None:
     """The state in `checkpoint_dir/last.pt`, or None when there is none."""
-    if checkpoint_dir is None:
-        return None
-    last = Path(checkpoint_dir) / "last.pt"
-    return load_checkpoint(last) if last.exists() else None
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# Analysis settings do not change what training does. The range test's do (it picks the max LR).
-NOT_TRAINING = ("recipe.num_misclassified", "recipe.gradcam_layer")
+    last = None if checkpoint_dir is None else Path(checkpoint_dir) / "last.pt"
+    return load_checkpoint(last) if last and last.exists() else None
 
 
 def recipe_signature(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's fields that training depends on, as dotted keys."""
-    flat = _flatten({"recipe": dataclasses.asdict(recipe)})
-    return {k: v for k, v in flat.items() if not k.startswith(NOT_TRAINING)}
+    """The recipe's fields that training depends on, as dotted keys ("recipe.augment.cutout_p")."""
+    def flatten(values: dict[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in values.items():
+            if isinstance(value, dict) and value:
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+
+    # analysis settings do not change what training does; the range test's do (it picks the max LR)
+    analysis = ("recipe.num_misclassified", "recipe.gradcam_layer")
+    return {key: value for key, value in flatten(asdict(recipe), "recipe.") if not key.startswith(analysis)}
 
 
 def data_signature(train_loader: DataLoader, test_loader: DataLoader) -> dict[str, Any]:
@@ -241,10 +213,8 @@ def data_signature(train_loader: DataLoader, test_loader: DataLoader) -> dict[st
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """The architecture as a short hash of every parameter and buffer name with its shape."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-    return {"model.shapes": digest.hexdigest()}
+    shapes = "".join(f"{name}:{tuple(tensor.shape)};" for name, tensor in model.state_dict().items())
+    return {"model.shapes": hashlib.blake2b(shapes.encode(), digest_size=8).hexdigest()}
 
 
 def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, train_loader: DataLoader,
@@ -255,12 +225,8 @@ def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, t
 
 
 def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose signature differs from `expected` on any key either one holds.
-
-    Every recipe key counts, so a checkpoint from another version of this code (a field added or
-    renamed since) is refused too; other keys may be left out of `expected` to check a checkpoint
-    before the data is loaded.
-    """
+    """Refuse a checkpoint whose signature differs from `expected` on a key of `expected`, or on any
+    recipe key it holds (a checkpoint of other code, with a field added or renamed since, is refused)."""
     saved = state.get("signature", {})
     differences = []
     for key in [*expected, *(k for k in saved if k.startswith("recipe.") and k not in expected)]:
@@ -276,15 +242,54 @@ def check_resumable(state: dict[str, Any], expected: dict[str, Any], path: str |
             "to start over, or choose another output folder")
 
 
+class Checkpoint:
+    """A run folder's last.pt: resume from it (refusing one written with other settings), and save
+    into it after every epoch, atomically. It also keeps the executions ("sessions") of the run."""
+
+    def __init__(self, folder: str | os.PathLike, resume: bool = True, keep: dict | None = None) -> None:
+        self.path, self.resume = Path(folder) / "last.pt", resume
+        self.keep = keep or {}  # saved as is (e.g. the range test that chose max_lr)
+        self.sessions: list[dict[str, Any]] = []
+
+    def load(self, signature: dict[str, Any], model: nn.Module, optimizer, scheduler,
+             scaler: torch.amp.GradScaler) -> tuple[list[dict[str, Any]], int]:
+        """Load model, optimizer, scheduler and scaler from last.pt; return the history and epoch."""
+        remove_stale_temporaries(self.path.parent)  # a killed save's half-written file
+        state = read_resume_state(self.path.parent) if self.resume else None
+        if state is None:
+            return [], 0
+        check_resumable(state, signature, self.path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
+            scaler.load_state_dict(state["scaler"])
+        self.sessions = state.get("sessions", [])
+        return state["history"], state["epoch"]
+
+    def start_session(self, runtime: Runtime, epoch: int) -> None:
+        """Record this execution: where it started, on what, from which commit, when."""
+        self.sessions = self.sessions + [{"from_epoch": epoch, "runtime": runtime.describe(),
+                                          "machine": device_name(runtime.device), "time_utc": utc_now(),
+                                          "git_commit": git_commit()}]
+
+    def save(self, signature: dict[str, Any], epoch: int, history: list[dict[str, Any]], model: nn.Module,
+             optimizer, scheduler, scaler) -> None:
+        """Write everything a resumed run needs, after `epoch` epochs."""
+        save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                    "epoch": epoch, "history": history, "signature": signature,
+                                    "sessions": self.sessions} | self.keep)
+
+
 # ----------------------------------------------------------------------------- fit
 
 
 @contextmanager
 def stop_between_batches() -> Iterator[list[int]]:
-    """While inside, Ctrl-C (SIGINT) asks the loops to stop before their next batch (see `Stoppable`)
-    instead of interrupting wherever the main thread is: a DataLoader interrupted inside its own
-    bookkeeping fails at its next use (its persistent workers), so a notebook cell run again after
-    a stop would fail too. A second Ctrl-C stops at once; an ignored SIGINT stays ignored."""
+    """While inside, Ctrl-C asks the loops to stop before their next batch (see `Stoppable`): a DataLoader
+    interrupted inside its own bookkeeping fails at its next use (its persistent workers), so a notebook
+    cell run again would fail too. A second Ctrl-C stops at once; an ignored SIGINT stays ignored."""
     asked: list[int] = []
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
@@ -319,49 +324,6 @@ class Stoppable:
                 raise KeyboardInterrupt
 
 
-class Checkpoint:
-    """A run folder's last.pt: resume from it (refusing one written with other settings), and save
-    into it after every epoch, atomically. It also keeps the executions ("sessions") of the run."""
-
-    def __init__(self, folder: str | os.PathLike, resume: bool = True, keep: dict[str, Any] | None = None,
-                 session: dict[str, Any] | None = None) -> None:
-        self.path = Path(folder) / "last.pt"
-        self.resume = resume
-        self.keep = keep or {}  # saved as is (e.g. the range test that chose max_lr)
-        self.session = session or {}  # stored with this execution's entry in `sessions`
-        self.sessions: list[dict[str, Any]] = []
-
-    def load(self, signature: dict[str, Any], model: nn.Module, optimizer, scheduler,
-             scaler: torch.amp.GradScaler) -> tuple[list[dict[str, Any]], int]:
-        """Load model, optimizer, scheduler and scaler from last.pt; return the history and epoch."""
-        state = read_resume_state(self.path.parent) if self.resume else None
-        if state is None:
-            return [], 0
-        check_resumable(state, signature, self.path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and scaler.is_enabled():  # a disabled scaler saves {}: nothing to load
-            scaler.load_state_dict(state["scaler"])
-        self.sessions = state.get("sessions", [])
-        return state["history"], state["epoch"]
-
-    def start_session(self, runtime: Runtime, epoch: int) -> None:
-        """Record this execution: where it started, on what, when."""
-        self.sessions = self.sessions + [{"from_epoch": epoch, "runtime": runtime.describe(),
-                                          "machine": device_name(runtime.device),
-                                          "time_utc": utc_now()}
-                                         | self.session]
-
-    def save(self, signature: dict[str, Any], epoch: int, history: list[dict[str, Any]], model: nn.Module,
-             optimizer, scheduler, scaler) -> None:
-        """Write everything a resumed run needs, after `epoch` epochs."""
-        save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                    "epoch": epoch, "history": history, "signature": signature,
-                                    "sessions": self.sessions} | self.keep)
-
-
 @dataclass
 class FitResult:
     """What `fit` returns: the per-epoch history, the best accuracy and how the run went."""
@@ -371,15 +333,24 @@ class FitResult:
     resumed_from_epoch: int = 0
     wall_seconds: float = 0.0  # this call only
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
-    setup: dict[str, str] = field(default_factory=dict)  # the optimizer, schedule and loss fit built
+
+
+def print_epoch(row: dict[str, Any]) -> None:
+    """One line per epoch, so that a headless log shows progress even without bars."""
+    seconds = row["train_seconds"] + row["test_seconds"]
+    print(f"epoch {row['epoch']:>3}  lr {row['lr']:.2e}  train loss {row['train_loss']:.3f} "
+          f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.3f} "
+          f"acc {100 * row['test_acc']:.2f}%  ({seconds:.1f} s)", flush=True)
 
 
 def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, recipe: Recipe,
         runtime: Runtime = FP32_CPU, max_lr: float | None = None, checkpoint: Checkpoint | None = None,
-        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
-    """Train for `recipe.epochs` epochs, evaluating after each; with a checkpoint, resume and save."""
+        progress: bool = True, on_epoch_end: Callable[[dict], None] | None = print_epoch) -> FitResult:
+    """Train for `recipe.epochs` epochs, evaluating after each; with a checkpoint, resume and save. `max_lr`
+    is One Cycle's peak (Plateau starts at the recipe's `lr`); `on_epoch_end` gets each history row."""
     began, model = time.perf_counter(), runtime.prepare(model)
-    optimizer = build_optimizer(model, recipe, max_lr if recipe.scheduler == "onecycle" else None)
+    per_batch = recipe.scheduler == "onecycle"  # One Cycle steps every batch, Plateau once an epoch
+    optimizer = build_optimizer(model, recipe, max_lr if per_batch else None)
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
     scaler, criterion, step_model = runtime.scaler(), build_criterion(recipe), runtime.stepper(model)
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
@@ -396,10 +367,9 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
                 if hasattr(holder, "set_epoch"):
                     holder.set_epoch(epoch)
             train = train_one_epoch(step_model, Stoppable(train_loader, asked), optimizer, criterion, runtime,
-                                    scheduler if is_per_batch(scheduler) else None, scaler, progress,
-                                    desc=f"epoch {epoch + 1}")
+                                    scheduler if per_batch else None, scaler, progress, f"epoch {epoch + 1}")
             test = evaluate(step_model, Stoppable(test_loader, asked), runtime, progress)
-            if not is_per_batch(scheduler):
+            if not per_batch:
                 scheduler.step(test["acc"])
             history = history + [{
                 "epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"], "train_acc": train["acc"],
@@ -412,33 +382,4 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             if on_epoch_end is not None:
                 on_epoch_end(history[-1])
     return FitResult(history, max((r["test_acc"] for r in history), default=-1.0), start,
-                     time.perf_counter() - began, checkpoint.sessions if checkpoint else [],
-                     describe_setup(optimizer, scheduler, criterion, len(train_loader)))
-
-
-def _anneal_strategy(scheduler: torch.optim.lr_scheduler.OneCycleLR) -> str:
-    """'cos' or 'linear', as the scheduler holds it (OneCycleLR keeps no public name for it)."""
-    return scheduler._anneal_func_type
-
-
-def describe_setup(optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module,
-                   steps_per_epoch: int) -> dict[str, str]:
-    """What fit trained with, in words: the optimizer, the schedule's settings and the loss."""
-    group = optimizer.param_groups[0]
-    optim = (f"{type(optimizer).__name__}(" + ", ".join(
-        f"{k}={group[k]}" for k in ("momentum", "nesterov", "betas", "eps") if k in group)
-        + f"; weight decay {group['weight_decay']:g} on {len(group['params'])} conv/linear weights, "
-        f"0 on the {len(optimizer.param_groups[1]['params'])} norm and bias tensors)")
-    if is_per_batch(scheduler):
-        schedule = (f"OneCycleLR stepped every batch ({scheduler.total_steps} steps, "
-                    f"{steps_per_epoch} per epoch): {group['initial_lr']:.3e} -> peak "
-                    f"{group['max_lr']:.3e} at step {round(scheduler._schedule_phases[0]['end_step']) + 1} "
-                    f"(end of epoch {(scheduler._schedule_phases[0]['end_step'] + 1) / steps_per_epoch:g}) "
-                    f"-> {group['min_lr']:.3e}, {_anneal_strategy(scheduler)}, "
-                    f"{len(scheduler._schedule_phases)} phases")
-    else:
-        schedule = (f"ReduceLROnPlateau on test accuracy, stepped every epoch: factor {scheduler.factor:g},"
-                    f" patience {scheduler.patience}, threshold {scheduler.threshold:g} (abs), "
-                    f"min LR {scheduler.min_lrs[0]:g}")
-    loss = f"{type(criterion).__name__}(label_smoothing={getattr(criterion, 'label_smoothing', 0.0)})"
-    return {"optimizer": optim, "schedule": schedule, "loss": loss}
+                     time.perf_counter() - began, checkpoint.sessions if checkpoint else [])

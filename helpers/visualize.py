@@ -6,19 +6,20 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .gradcam import overlay
 from .runtime import atomic_write
 
 
-def _grid(n: int, cols: int, cell: float = 1.6, extra_height: float = 0.0):
-    """A Figure with an n-cell grid of axes, axis ticks off."""
+def _grid(n: int, cols: int, cell: float = 1.6, extra_height: float = 0.0) -> tuple[Figure, np.ndarray]:
+    """A Figure with a grid of axes [rows, cols] for n images, axis ticks off."""
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(cols * cell, rows * (cell + extra_height)), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes:
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
         ax.set_axis_off()
     return fig, axes
 
@@ -33,19 +34,12 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                  per_class: int = 8, seed: int = 0) -> Figure:
     """A labelled grid: `per_class` random images of each class, one class per row."""
     rng = np.random.default_rng(seed)
-    n_classes = len(classes)
-    fig, axes = _grid(n_classes * per_class, per_class, cell=1.1)
-    for row, name in enumerate(classes):
-        members = np.flatnonzero(labels == row)
-        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
-        for col, index in enumerate(chosen):
-            ax = axes[row * per_class + col]
+    fig, axes = _grid(len(classes) * per_class, per_class, cell=1.1)
+    for label, (row, name) in enumerate(zip(axes, classes)):
+        members = np.flatnonzero(labels == label)
+        for ax, index in zip(row, rng.choice(members, size=min(per_class, len(members)), replace=False)):
             ax.imshow(images[index])
-            if col == 0:
-                ax.set_axis_on()
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        row[0].text(-0.1, 0.5, name, ha="right", va="center", transform=row[0].transAxes)
     fig.suptitle("Samples per class")
     return fig
 
@@ -56,11 +50,9 @@ def plot_class_distribution(train_counts, test_counts, classes: Sequence[str]) -
     ax = fig.subplots()
     x = np.arange(len(classes))
     for offset, counts, name in ((-0.2, train_counts, "train"), (0.2, test_counts, "test")):
-        bars = ax.bar(x + offset, counts, width=0.4, label=name)
-        ax.bar_label(bars, fontsize=7)
+        ax.bar_label(ax.bar(x + offset, counts, width=0.4, label=name), fontsize=7)
     ax.set_xticks(x, classes, rotation=30)
-    ax.set_ylabel("images")
-    ax.set_title("Class distribution")
+    ax.set(ylabel="images", title="Class distribution")
     ax.legend()
     return fig
 
@@ -73,13 +65,12 @@ def plot_augmented(images: np.ndarray, transform, mean, std, n_images: int = 4,
     fig, axes = _grid(n_images * (n_versions + 1), n_versions + 1, cell=1.3)
     # Random rows rather than the first ones: an ImageFolder copy is sorted by class.
     chosen = np.random.default_rng(seed).choice(len(images), n_images, replace=False)
-    for row, index in enumerate(chosen):
-        axes[row * (n_versions + 1)].imshow(images[index])
-        axes[row * (n_versions + 1)].set_title(f"original #{index}", fontsize=8)
-        for col in range(1, n_versions + 1):
+    for row, index in zip(axes, chosen):
+        row[0].imshow(images[index])
+        row[0].set_title(f"original #{index}", fontsize=8)
+        for col, ax in enumerate(row[1:], start=1):
             seed_transform(transform, augment_stream(seed, col, int(index)))  # draw `col` of this image
-            augmented = denormalize(transform(image=images[index])["image"], mean, std)[0]
-            axes[row * (n_versions + 1) + col].imshow(augmented)
+            ax.imshow(denormalize(transform(image=images[index])["image"], mean, std)[0])
     fig.suptitle("Train augmentations")
     return fig
 
@@ -91,14 +82,10 @@ def plot_lr_finder(result) -> Figure:
     ax.plot(result.lrs, result.raw_losses, color="0.8", lw=1, label="loss per batch")
     ax.plot(result.lrs, result.losses, lw=2, label="smoothed loss")
     ax.axvline(result.min_loss_lr, color="0.5", ls=":", label=f"minimum {result.min_loss_lr:.2e}")
-    ax.axvline(result.suggested_lr, color="C3", ls="--",
-               label=f"suggested max LR {result.suggested_lr:.2e}")
-    ax.set_xscale("log")
+    ax.axvline(result.suggested_lr, color="C3", ls="--", label=f"suggested max LR {result.suggested_lr:.2e}")
     finite = [v for v in result.losses if np.isfinite(v)]
-    ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * min(finite)))
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_title("LR range test")
+    ax.set(xscale="log", ylim=(min(finite) * 0.9, min(max(finite), 3 * min(finite))),
+           xlabel="learning rate", ylabel="training loss", title="LR range test")
     ax.legend()
     return fig
 
@@ -113,13 +100,11 @@ def plot_history(history: list[dict], label_smoothing: float = 0.0) -> Figure:
         acc_ax.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker=".", label=split)
     loss_ax.set_title(f"loss (train: label smoothing {label_smoothing:g})" if label_smoothing
                       else "loss (cross-entropy)")
-    acc_ax.set_title(f"accuracy, final test {100 * history[-1]['test_acc']:.2f}%")
-    acc_ax.set_ylabel("%")
+    acc_ax.set(title=f"accuracy, final test {100 * history[-1]['test_acc']:.2f}%", ylabel="%")
     lr_ax.plot(epochs, [r["lr"] for r in history], marker=".", color="C2")
     lr_ax.set_title("learning rate at the end of each epoch")
     for ax in (loss_ax, acc_ax, lr_ax):
-        ax.set_xlabel("epoch")
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # whole epochs even for a 1-epoch run
+        ax.set(xlabel="epoch", xlim=(min(epochs) - 0.5, max(epochs) + 0.5))  # whole epochs, even just one
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     loss_ax.legend()
@@ -131,12 +116,11 @@ def plot_misclassified(images: np.ndarray, indices: Sequence[int], predictions,
                        classes: Sequence[str], cols: int = 5) -> Figure:
     """Misclassified test images with true label, predicted label and confidence."""
     fig, axes = _grid(len(indices), cols, cell=2.0, extra_height=0.35)
-    for ax, index in zip(axes, indices):
+    for ax, index in zip(axes.flat, indices):
         pred = predictions.preds[index]
         ax.imshow(images[index])
         ax.set_title(f"#{index} true: {classes[predictions.labels[index]]}\n"
-                     f"pred: {classes[pred]} ({100 * predictions.probs[index, pred]:.0f}%)",
-                     fontsize=8)
+                     f"pred: {classes[pred]} ({100 * predictions.probs[index, pred]:.0f}%)", fontsize=8)
     fig.suptitle("Misclassified test images (most confident first)")
     return fig
 
@@ -145,9 +129,20 @@ def plot_gradcam(images: np.ndarray, cams, indices: Sequence[int], predictions,
                  classes: Sequence[str], cols: int = 5, explained: str = "predicted") -> Figure:
     """GradCAM overlays of the same images as `plot_misclassified`, in the same order."""
     fig, axes = _grid(len(indices), cols, cell=2.0, extra_height=0.35)
-    for ax, cam, index in zip(axes, cams, indices):
+    for ax, cam, index in zip(axes.flat, cams, indices):
         ax.imshow(overlay(images[index], cam))
         ax.set_title(f"#{index} true: {classes[predictions.labels[index]]}\n"
                      f"pred: {classes[predictions.preds[index]]}", fontsize=8)
     fig.suptitle(f"GradCAM for the {explained} class")
     return fig
+
+
+def overlay(image: np.ndarray, cam, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
+    """Blend a colour-mapped CAM over an HWC image (uint8 or floats in [0, 1]) -> floats in [0, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    image = image / 255.0 if image.max() > 1.0 else image
+    cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    if cam.shape != image.shape[:2]:
+        raise ValueError(f"CAM shape {cam.shape} does not match image shape {image.shape[:2]}")
+    heat = colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
+    return np.clip((1 - alpha) * image + alpha * heat, 0, 1)

@@ -22,5 +22,5 @@ def test_predict_keeps_dataset_order_and_refuses_shuffled_loaders():
     predictions = predict(TinyNet(), test_loader, progress=False)
     np.testing.assert_array_equal(predictions.labels, test_loader.dataset.labels)
     np.testing.assert_allclose(predictions.probs.sum(1), 1, rtol=1e-5)
-    with pytest.raises(ValueError, match="unshuffled"):
+    with pytest.raises(ValueError):
         predict(TinyNet(), train_loader, progress=False)

@@ -17,7 +17,6 @@ from helpers.dataset import (
     get_transforms,
     load_cifar10,
     make_synthetic_cifar,
-    summarize,
 )
 from helpers.recipes import S8, S9, S10, Augment
 
@@ -178,15 +177,6 @@ def test_channel_mean_std_of_constant_images():
     assert mean == pytest.approx((0.2, 0.2, 0.2)) and std == pytest.approx((0, 0, 0), abs=1e-7)
 
 
-def test_summary_counts_and_table():
-    data = make_synthetic_cifar(100, 40, seed=0)
-    summary = summarize(data)
-    assert summary.train_counts.tolist() == [10] * 10 and summary.test_counts.tolist() == [4] * 10
-    assert summary.image_shape == (32, 32, 3) and summary.dtype == "uint8"
-    table = summary.table()
-    assert table.loc["total", "train"] == 100 and table.loc["cat", "test"] == 4
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -214,31 +204,35 @@ def test_load_image_folder_reads_pixels_labels_and_classes(tmp_path):
 
 
 def test_missing_folder_without_download_names_the_fix(tmp_path):
-    with pytest.raises(DataError, match="does not exist and download is off"):
+    with pytest.raises(DataError) as err:
         load_cifar10(tmp_path / "nowhere")
+    assert "\n" not in str(err.value) and not (tmp_path / "nowhere").exists()
 
 
 def test_wrong_layout_says_what_was_expected_and_found(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(DataError, match=r"expected train/<class>/\*.*found \['images'\]"):
+    with pytest.raises(DataError) as err:
         load_cifar10(tmp_path)
+    assert "'images'" in str(err.value)  # what was found
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DataError, match="missing test/"):
+    with pytest.raises(DataError) as err:  # half an ImageFolder copy
         load_cifar10(tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_unreadable_image_is_named(tmp_path):
     write_tree(tmp_path)
     bad = tmp_path / "train" / "dog" / "0001.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot read image .*0001.png"):
+    with pytest.raises(DataError) as err:
         load_cifar10(tmp_path)
+    assert str(bad) in str(err.value)
 
 
 def test_class_folders_must_match(tmp_path):
     write_tree(tmp_path)
     (tmp_path / "test" / "dog").rename(tmp_path / "test" / "bird")
-    with pytest.raises(DataError, match="different class folders"):
+    with pytest.raises(DataError):
         load_cifar10(tmp_path)
 
 
@@ -362,7 +356,7 @@ def test_augmentation_and_shuffle_streams_never_repeat_across_seeds_epochs_and_i
     assert len(shuffles) == 1000 and all(0 <= s < 2**63 for s in shuffles)
 
 
-def test_hidden_entries_are_skipped_and_other_files_counted(tmp_path):
+def test_hidden_entries_and_files_of_other_types_are_left_alone(tmp_path):
     for split in ("train", "test"):
         for name in ("cat", "dog"):
             folder = tmp_path / split / name
@@ -374,8 +368,7 @@ def test_hidden_entries_are_skipped_and_other_files_counted(tmp_path):
     (tmp_path / "train" / "cat" / "1.webp").write_bytes(b"RIFF")
     (tmp_path / "test" / "dog" / "notes.txt").write_text("x")
     data = load_cifar10(tmp_path)
-    assert data.classes == ("cat", "dog") and len(data.train_labels) == 2
-    assert data.skipped == {".txt": 1, ".webp": 1}
+    assert data.classes == ("cat", "dog") and len(data.train_labels) == 2 and len(data.test_labels) == 2
 
 
 def test_unlistable_folder_is_a_data_error(tmp_path, monkeypatch):
@@ -389,8 +382,9 @@ def test_unlistable_folder_is_a_data_error(tmp_path, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(type(tmp_path), "iterdir", refuse)
-    with pytest.raises(DataError, match="cannot list .*train.*Permission denied"):
+    with pytest.raises(DataError) as err:
         load_cifar10(tmp_path)
+    assert str(tmp_path / "train") in str(err.value)
 
 
 def dot_centroid(out: np.ndarray) -> np.ndarray:

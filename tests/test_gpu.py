@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import train
-from helpers.gradcam import explain
+from helpers.gradcam import GradCAM
 from helpers.models import create_model
 from helpers.recipes import RECIPES
 from tests.test_cli import interrupt_after_the_first_epoch
@@ -63,8 +63,11 @@ def test_gradcam_on_the_gpu_matches_the_cpu(recipe, monkeypatch):
     model = create_model(spec.model, **spec.model_kwargs).eval()
     images = torch.randn(8, 3, 32, 32)
     targets = model(images).argmax(1)  # the same classes on both devices, even on a near-tie
-    on_cpu = explain(model, spec.gradcam_layer, images, targets)
-    on_gpu = explain(model.cuda(), spec.gradcam_layer, images, targets)
+    with GradCAM(model, spec.gradcam_layer) as cam:
+        on_cpu = cam(images, targets)
+    model.cuda()
+    with GradCAM(model, spec.gradcam_layer) as cam:
+        on_gpu = cam(images.cuda(), targets.cuda()).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=0)
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import pipeline, runtime, train
+from helpers import runtime, train
 from helpers.__main__ import run_guarded
-from helpers.analysis import predict
-from helpers.dataset import build_loaders, make_synthetic_cifar, summarize
-from helpers.gradcam import explain_items
+from helpers.analysis import predict, select_misclassified
+from helpers.dataset import build_loaders, channel_mean_std, make_synthetic_cifar
+from helpers.gradcam import GradCAM
 from helpers.lr_finder import lr_range_test
 from helpers.recipes import S10
 from helpers.runtime import Runtime
@@ -110,10 +110,13 @@ def test_fp16_runs_end_to_end_and_a_skipped_step_does_not_use_up_the_schedule(tm
     for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
-    analysis = pipeline.analyse(resumed_model, test_loader, recipe, FP16_CPU, progress=False)
-    assert analysis.predictions.accuracy == pytest.approx(resumed.history[-1]["test_acc"])
-    assert analysis.cams.shape == (len(analysis.indices), 32, 32)
-    assert torch.isfinite(analysis.cams).all() and torch.isfinite(analysis.cams_true).all()
+    predictions = predict(resumed_model, test_loader, FP16_CPU, progress=False)
+    assert predictions.accuracy == pytest.approx(resumed.history[-1]["test_acc"])
+    mistakes = select_misclassified(predictions, recipe.num_misclassified)
+    images = torch.stack([test_loader.dataset[i][0] for i in mistakes])
+    with GradCAM(resumed_model, "features") as cam:
+        maps = cam(images, predictions.preds[mistakes])
+    assert maps.shape == (len(mistakes), 32, 32) and torch.isfinite(maps).all()
 
 
 WRITE_AS_ON_A_GPU = """
@@ -180,18 +183,19 @@ class NearTie(nn.Module):
 def test_gradcam_explains_the_class_the_figures_name_when_autocast_and_fp32_disagree():
     recipe = dataclasses.replace(S10, gradcam_layer="features", num_misclassified=5)
     data = make_synthetic_cifar(40, 40, seed=0)
-    stats = summarize(data)
-    _, test_loader = build_loaders(data, recipe, stats.mean, stats.std, batch_size=20, num_workers=0)
+    mean, std = channel_mean_std(data.train_images)
+    _, test_loader = build_loaders(data, recipe, mean, std, batch_size=20, num_workers=0)
     model, bf16 = NearTie(), Runtime(torch.device("cpu"), torch.bfloat16)
     assert (predict(model, test_loader, bf16, progress=False).preds == 0).all()
     assert (predict(model, test_loader, progress=False).preds == 1).all()  # fp32 disagrees
-    analysis = pipeline.analyse(model, test_loader, recipe, bf16, progress=False)
-    indices = analysis.indices
-    assert len(indices) and (analysis.predictions.preds[indices] == 0).all()
-    zeros, ones = torch.zeros(len(indices), dtype=torch.long), torch.ones(len(indices), dtype=torch.long)
-    explained = explain_items(model, "features", test_loader.dataset, indices, zeros)
-    assert not torch.allclose(explained, explain_items(model, "features", test_loader.dataset, indices, ones))
-    torch.testing.assert_close(analysis.cams, explained)
+    predictions = predict(model, test_loader, bf16, progress=False)
+    mistakes = select_misclassified(predictions, recipe.num_misclassified)
+    assert len(mistakes) and (predictions.preds[mistakes] == 0).all()
+    images = torch.stack([test_loader.dataset[i][0] for i in mistakes])
+    with GradCAM(model, model.features) as cam:  # as the notebooks do: the predictions are the targets
+        explained, fp32_argmax = cam(images, predictions.preds[mistakes]), cam(images)
+        torch.testing.assert_close(explained, cam(images, torch.zeros(len(mistakes), dtype=torch.long)))
+    assert not torch.allclose(explained, fp32_argmax), "GradCAM's own fp32 argmax explains another class"
 
 
 class RunsCode:

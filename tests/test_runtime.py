@@ -15,9 +15,9 @@ def test_cpu_is_always_available_and_unknown_or_missing_devices_are_refused(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)  # where Colab refuses a GPU-less default
     assert pick_device().type in ("cpu", "mps")
-    with pytest.raises(DeviceError, match="'cuda' is not available.*Change runtime type.*available: "):
+    with pytest.raises(DeviceError):
         pick_device("cuda")
-    with pytest.raises(DeviceError, match="unknown device 'tpu9'"):
+    with pytest.raises(DeviceError):
         pick_device("tpu9")
 
 

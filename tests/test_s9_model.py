@@ -161,7 +161,7 @@ def test_receptive_field_refuses_a_branch_with_its_own_conv():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.conv(x) + self.shortcut(x)
 
-    with pytest.raises(ValueError, match="chain"):
+    with pytest.raises(ValueError):
         receptive_field(ProjectionShortcut())
 
 

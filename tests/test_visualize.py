@@ -1,11 +1,12 @@
-"""Plots: each returns a Figure with the expected panels, and saving is atomic PNG."""
+"""Plots: each returns a Figure with the expected panels, saving is atomic PNG, GradCAM overlays blend."""
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import visualize
 from helpers.analysis import Predictions
-from helpers.dataset import get_transforms, make_synthetic_cifar, summarize
+from helpers.dataset import channel_mean_std, get_transforms, make_synthetic_cifar
 from helpers.lr_finder import LRRangeResult
 from helpers.recipes import S10
 
@@ -17,13 +18,14 @@ def shown(fig) -> list:
 
 def test_data_plots():
     data = make_synthetic_cifar(100, 20)
-    stats = summarize(data)
+    mean, std = channel_mean_std(data.train_images)
+    counts = [np.bincount(labels, minlength=10) for labels in (data.train_labels, data.test_labels)]
     assert len(shown(visualize.plot_samples(data.train_images, data.train_labels, data.classes,
                                             per_class=3))) == 30
-    bars = visualize.plot_class_distribution(stats.train_counts, stats.test_counts, data.classes)
+    bars = visualize.plot_class_distribution(*counts, data.classes)
     assert len(bars.axes[0].patches) == 20
-    transform = get_transforms(S10, True, stats.mean, stats.std)
-    fig = visualize.plot_augmented(data.train_images, transform, stats.mean, stats.std,
+    transform = get_transforms(S10, True, mean, std)
+    fig = visualize.plot_augmented(data.train_images, transform, mean, std,
                                    n_images=2, n_versions=3)
     assert len(shown(fig)) == 8
 
@@ -59,3 +61,14 @@ def test_misclassified_and_gradcam_grids_share_order(tmp_path):
     assert titles[0].startswith("#7 true: 0") and "pred: 1 (55%)" in titles[0]
     path = visualize.save_figure(grid, tmp_path / "grid.png")
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_overlay_blends_into_unit_range():
+    image = np.full((32, 32, 3), 255, np.uint8)
+    cam = np.zeros((32, 32))
+    cam[0, 0] = 1.0
+    out = visualize.overlay(image, cam, alpha=0.5)
+    assert out.shape == (32, 32, 3) and out.min() >= 0 and out.max() <= 1
+    assert not np.allclose(out[0, 0], out[5, 5]), "hot and cold pixels get different colours"
+    with pytest.raises(ValueError):
+        visualize.overlay(image, np.zeros((8, 8)))

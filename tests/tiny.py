@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from helpers.dataset import build_loaders, make_synthetic_cifar, summarize
+from helpers.dataset import build_loaders, channel_mean_std, make_synthetic_cifar
 
 
 class TinyNet(nn.Module):
@@ -21,6 +21,6 @@ class TinyNet(nn.Module):
 def tiny_setup(recipe, n_train=320, n_test=160, batch=32, seed=0):
     """Loaders over synthetic, learnable data, with no workers (deterministic and fast)."""
     data = make_synthetic_cifar(n_train, n_test, seed=seed)
-    stats = summarize(data)
-    return build_loaders(data, recipe, stats.mean, stats.std, seed=seed, batch_size=batch,
+    mean, std = channel_mean_std(data.train_images)
+    return build_loaders(data, recipe, mean, std, seed=seed, batch_size=batch,
                          num_workers=0)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .recipes import Recipe
 from .runtime import FP32_CPU, Runtime
-from .train import build_criterion, build_optimizer
+from .train import Stoppable, build_criterion, build_optimizer, stop_between_batches
 
 
 class RangeTestError(RuntimeError):
@@ -52,29 +52,31 @@ def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime:
     scaler = runtime.scaler()  # fp16 (T4) needs loss scaling here as much as in training
     factor = (settings.end_lr / settings.start_lr) ** (1 / (num_iter - 1))
     lrs, raw, smoothed, average = [], [], [], 0.0
-    batches = (batch for _ in itertools.count() for batch in loader)  # as many passes as the sweep needs
     model.train()
-    try:
-        for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not progress):
-            lrs.append(settings.start_lr * factor**i)
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[-1]
-            images, labels = runtime.to_device(*next(batches))
-            with runtime.autocast():
-                loss = criterion(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            raw.append(loss.item())  # the sweep needs every loss on the host anyway
-            average = settings.smooth * raw[-1] + (1 - settings.smooth) * average
-            smoothed.append(average / (1 - (1 - settings.smooth) ** (i + 1)))
-            if not math.isfinite(smoothed[-1]) or smoothed[-1] > settings.diverge * min(smoothed):
-                break
-    finally:
-        model.load_state_dict(saved)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    with stop_between_batches() as asked:  # Ctrl-C waits for the batch, as in `fit`
+        # as many passes over the loader as the sweep needs
+        batches = (batch for _ in itertools.count() for batch in Stoppable(loader, asked))
+        try:
+            for i in tqdm(range(num_iter), desc="LR range test", leave=False, disable=not progress):
+                lrs.append(settings.start_lr * factor**i)
+                for group in optimizer.param_groups:
+                    group["lr"] = lrs[-1]
+                images, labels = runtime.to_device(*next(batches))
+                with runtime.autocast():
+                    loss = criterion(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                raw.append(loss.item())  # the sweep needs every loss on the host anyway
+                average = settings.smooth * raw[-1] + (1 - settings.smooth) * average
+                smoothed.append(average / (1 - (1 - settings.smooth) ** (i + 1)))
+                if not math.isfinite(smoothed[-1]) or smoothed[-1] > settings.diverge * min(smoothed):
+                    break
+        finally:
+            model.load_state_dict(saved)
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
     return suggest_lr(lrs, smoothed, raw, settings.fraction)
 
 

@@ -149,10 +149,11 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
     state = read_resume_state(out) if options.resume else None
     if state is not None:  # what can be checked before minutes of loading data is checked now
         check_resumable(state, recipe_signature(recipe) | {"seed": options.seed}, out / "last.pt")
-    seed_everything(options.seed)
     print(f"run: {recipe.name}, {runtime.describe()}, seed {options.seed}, folder {out}/")
     if state is None:
         print(f"starting from epoch 0 of {recipe.epochs}")
+    elif state["epoch"] >= recipe.epochs:
+        print(f"the run in {out}/last.pt is finished ({state['epoch']} epochs): nothing to train")
     else:
         print(f"resuming after epoch {state['epoch']} of {recipe.epochs} ({out}/last.pt)")
     return Run(recipe, options, runtime, out, state)
@@ -303,8 +304,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
         finder = saved_range_test(run) or lr_range_test(model, train_loader, recipe, run.runtime,
                                                         progress=options.progress)
         max_lr = finder.suggested_lr
-    checkpoint = Checkpoint(run.out, options.resume, keep={"max_lr": max_lr,
-                                                           "lr_finder": finder and finder.as_dict()})
+    checkpoint = Checkpoint(run.out, options.resume, keep={"lr_finder": finder and finder.as_dict()})
     result = fit(model, train_loader, test_loader, recipe, run.runtime, max_lr, checkpoint, options.progress)
     predictions = predict(model, test_loader, run.runtime, options.progress)
     mistakes = select_misclassified(predictions, recipe.num_misclassified)

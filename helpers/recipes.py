@@ -157,12 +157,12 @@ S9 = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}
-FIXED = ("name", "model", "scheduler")  # what makes a recipe that recipe: no override changes them
+FIXED = ("name", "model", "scheduler", "gradcam_layer")  # the notebooks build and hook these by name
 
 # The values a run can use, in interval notation: "[" and "]" include the bound, "(" and ")" do not.
 RANGES = {
     "epochs": "[1, inf)", "batch_size": "[1, inf)", "train_subset": "[1, inf)", "test_subset": "[1, inf)",
-    "num_misclassified": "[0, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
+    "num_misclassified": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
     "label_smoothing": "[0, 1)", "augment.crop_padding": "[0, 16]", "augment.hflip_p": "[0, 1]",
     "augment.rotate_limit": "[0, 180]", "augment.shift_limit": "[0, 0.5]", "augment.scale_limit": "[0, 1)",
     "augment.affine_p": "[0, 1]", "augment.cutout_size": "[0, 32]", "augment.cutout_p": "[0, 1]",
@@ -221,7 +221,7 @@ def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
         if not sep:
             raise OverrideError(f"{assignment!r}: expected KEY=VALUE, such as epochs=2")
         if key in FIXED:
-            raise OverrideError(f"{key}: a recipe's {key} is what makes it that recipe; pick another")
+            raise OverrideError(f"{key}: fixed by the recipe, whose notebook builds and hooks it by name")
         if key not in keys():
             raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(keys())}")
         value, current = _parse(text, keys()[key], key), value_at(recipe, key)
@@ -273,6 +273,8 @@ def check(recipe: Recipe) -> None:
     # the assignment's LR was chosen for its optimizer: another optimizer must bring its own
     assignment, key = get_recipe(recipe.name), "lr" if plateau else "onecycle.max_lr"
     fixed = value_at(assignment, key)
+    if not plateau and fixed is not None and recipe.onecycle.max_lr is None:  # no range test in its notebook
+        raise OverrideError(f"{recipe.name} fixes its One Cycle peak: set onecycle.max_lr to a number")
     if recipe.optimizer != assignment.optimizer and fixed is not None and value_at(recipe, key) == fixed:
         raise OverrideError(f"optimizer={recipe.optimizer} replaces {assignment.optimizer}, whose {key} "
                             f"{fixed:g} was chosen for it: set {key} too")

@@ -226,11 +226,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; their names."""
+    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; their names.
+    The file of a process still alive (another run saving into the same folder) is left alone."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp*"):  # nothing if the folder does not exist
         pid = tmp.name.rpartition(".tmp")[2]
-        if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid():
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # not ours to signal, or no such id on this system
+        return True
+    return True

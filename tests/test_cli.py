@@ -161,7 +161,7 @@ def test_s8_values_reach_optimizer_scheduler_model_and_augmentation_and_a_checkp
     ["--workers", "-1"], ["--epochs", "0"], ["--epochs", "two"], ["--optimizer", "rmsprop"],
     ["--device", "cuda"], ["--lr", "0.01"], ["--plateau.patience", "1"], ["--out", "runs/{recipe.name}"],
     ["--model-kwargs", "{'strides': (1, 2, 2, 1)}"],  # s10's custom ResNet has fixed strides
-    ["--gradcam-layer", "nope"], ["--plateau.factor", "1"], ["--augment.hflip-p", "2"],
+    ["--plateau.factor", "1"], ["--augment.hflip-p", "2"],
 ])
 def test_bad_arguments_are_one_line_and_exit_2_before_any_work(tmp_path, capsys, monkeypatch, flags):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the cuda case, also on a GPU machine
@@ -269,12 +269,12 @@ mean, std = channel_mean_std(data.train_images)
 train_loader, test_loader = build_loaders(data, recipe, mean, std, run.runtime.device, num_workers=2)
 model = CustomResNet()
 finder = lr_range_test(model, train_loader, recipe, run.runtime, progress=False)
-checkpoint = Checkpoint(run.out, keep={"max_lr": finder.suggested_lr, "lr_finder": finder.as_dict()})
+checkpoint = Checkpoint(run.out, keep={"lr_finder": finder.as_dict()})
 try:
     fit(model, train_loader, test_loader, recipe, run.runtime, finder.suggested_lr, checkpoint, False)
 except KeyboardInterrupt:  # stopped by the interrupt
     pass
-checkpoint = Checkpoint(run.out, keep={"max_lr": finder.suggested_lr, "lr_finder": finder.as_dict()})
+checkpoint = Checkpoint(run.out, keep={"lr_finder": finder.as_dict()})
 result = fit(model, train_loader, test_loader, recipe, run.runtime, finder.suggested_lr, checkpoint, False)
 print(json.dumps([s["from_epoch"] for s in result.sessions]))
 """

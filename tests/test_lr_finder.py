@@ -1,6 +1,8 @@
 """The LR range test: an exponential sweep that leaves the model as it found it."""
 
 import dataclasses
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -48,3 +50,28 @@ def test_needs_two_iterations():
     train_loader, _ = tiny_setup(S10, n_train=32, batch=16)
     with pytest.raises(ValueError):
         lr_range_test(TinyNet(), train_loader, S10, num_iter=1, progress=False)
+
+
+class InterruptedAt:
+    """A loader that sends this process SIGINT (Ctrl-C) while producing its `at`-th batch."""
+
+    def __init__(self, loader, at: int) -> None:
+        self.loader, self.at = loader, at
+
+    def __iter__(self):
+        for count, batch in enumerate(self.loader, start=1):
+            if count == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+
+def test_ctrl_c_during_the_sweep_waits_for_the_batch_then_stops_with_the_weights_restored():
+    train_loader, _ = tiny_setup(S10, n_train=128, batch=16)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(KeyboardInterrupt):
+        lr_range_test(model, InterruptedAt(train_loader, 3), S10, num_iter=8, progress=False)
+    assert len(forwards) == 3, "the batch being loaded is still trained on; none after it"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -38,7 +38,8 @@ def test_a_run_is_the_assignments_exactly_when_its_recipe_is():
     "augment.hflip_p=2", "augment.cutout_size=64", "num_misclassified=-1", "lr_finder.end_lr=1e-6",
     "onecycle.peak_epoch=0", "model=resnet18", "scheduler=plateau", "augment=1", "model_kwargs.norm=bn",
     "nesterov=maybe", "optimizer=sgd momentum=0", "lr_finder.start_lr=1 lr_finder.end_lr=1",
-    "plateau.patience=3", "test_subset=0", "onecycle.anneal=cosine",
+    "plateau.patience=3", "test_subset=0", "onecycle.anneal=cosine", "gradcam_layer=layer3",
+    "num_misclassified=0",
 ])
 def test_an_override_of_an_unknown_key_a_wrong_type_or_a_value_out_of_range_is_refused(assignment):
     with pytest.raises(OverrideError):
@@ -59,9 +60,11 @@ def test_a_dict_override_is_merged_and_may_hold_spaces():
 
 
 def test_overrides_read_none_booleans_and_choices():
-    tuned = override(S9, "train_subset=256 nesterov=false onecycle.anneal=cos onecycle.max_lr=none")
-    assert differences(tuned) == {"train_subset": 256, "nesterov": False, "onecycle.anneal": "cos",
-                                  "onecycle.max_lr": None}
+    tuned = override(S9, "train_subset=256 nesterov=false onecycle.anneal=cos")
+    assert differences(tuned) == {"train_subset": 256, "nesterov": False, "onecycle.anneal": "cos"}
+    assert override(S10, "onecycle.max_lr=0.01 onecycle.max_lr=none") == S10
+    with pytest.raises(OverrideError):  # S9 fixes its peak: its notebook runs no range test
+        override(S9, "onecycle.max_lr=none")
     assert override(tuned, "train_subset=None").train_subset is None
 
 
@@ -105,7 +108,7 @@ def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it
     finder = lr_range_test(model, train_loader, recipe, run.runtime, progress=False)
 
     def training_cell():
-        checkpoint = Checkpoint(run.out, keep={"max_lr": finder.suggested_lr, "lr_finder": finder.as_dict()})
+        checkpoint = Checkpoint(run.out, keep={"lr_finder": finder.as_dict()})
         return fit(model, train_loader, test_loader, recipe, run.runtime, finder.suggested_lr, checkpoint,
                    progress=False)
 

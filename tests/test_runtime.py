@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,13 +87,20 @@ def test_without_a_model_name_the_cpu_is_what_platform_reports(monkeypatch):
 
 
 def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(tmp_path):
-    (tmp_path / ".last.pt.tmp99999").write_bytes(b"x")
-    (tmp_path / ".best.pt.tmp123").write_bytes(b"x")
+    dead = [subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True).stdout.strip() for _ in range(2)]  # processes that have ended
+    (tmp_path / f".last.pt.tmp{dead[0]}").write_bytes(b"x")
+    (tmp_path / f".metrics.json.tmp{dead[1]}").write_bytes(b"x")
     mine = tmp_path / f".metrics.json.tmp{os.getpid()}"  # a write in progress in this process
     mine.write_bytes(b"x")
-    (tmp_path / "last.pt").write_bytes(b"x")
-    assert sorted(remove_stale_temporaries(tmp_path)) == [".best.pt.tmp123", ".last.pt.tmp99999"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "last.pt"])
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:  # another run
+        theirs = tmp_path / f".last.pt.tmp{other.pid}"
+        theirs.write_bytes(b"x")
+        (tmp_path / "last.pt").write_bytes(b"x")
+        removed = remove_stale_temporaries(tmp_path)
+        other.kill()
+    assert sorted(removed) == sorted([f".last.pt.tmp{dead[0]}", f".metrics.json.tmp{dead[1]}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, theirs.name, "last.pt"])
 
 
 def test_a_checkout_is_dirty_for_changed_code_but_not_for_the_figures_a_notebook_writes(tmp_path):

@@ -216,15 +216,16 @@ def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
     """
     if isinstance(assignments, str):  # split before each "key=", so a value may hold spaces
         assignments = [a for a in re.split(r"\s+(?=[\w.]+=)", assignments.strip()) if a]
+    known = keys()
     for assignment in assignments:
         key, sep, text = (part.strip() for part in assignment.partition("="))
         if not sep:
             raise OverrideError(f"{assignment!r}: expected KEY=VALUE, such as epochs=2")
         if key in FIXED:
             raise OverrideError(f"{key}: fixed by the recipe, whose notebook builds and hooks it by name")
-        if key not in keys():
-            raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(keys())}")
-        value, current = _parse(text, keys()[key], key), value_at(recipe, key)
+        if key not in known:
+            raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(known)}")
+        value, current = _parse(text, known[key], key), value_at(recipe, key)
         value = current | value if isinstance(current, dict) else value
         section, _, name = key.rpartition(".")  # keys are at most one level deep
         if section:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run train --recipe s9 --data-dir DIR --seeds 0 1 2   # full runs, one record each
     python -m benchmarks.run record runs/s10                                  # a finished CLI run's metrics
-    python -m benchmarks.run throughput --recipe s10 --data-dir DIR [--plain | --side-by-side]
+    python -m benchmarks.run throughput --recipe s10 --data-dir DIR [--side-by-side] [--compile]
     python -m benchmarks.run report                                           # rewrite results.md
     python -m benchmarks.run notebook S10_Assignment.ipynb --data-dir DIR     # execute it on its run
 
@@ -19,7 +19,6 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +117,7 @@ def train(args: argparse.Namespace, started: list[Path]) -> None:
     recipe = recipe_from_args(args)
     # Every seed's options first: a bad one is refused before any seed trains.
     all_options = [RunOptions(data_dir=args.data_dir, synthetic=args.synthetic, seed=seed,
-                              out=str(Path(args.out) / f"{args.recipe}-seed{seed}"), plain=args.plain,
+                              out=str(Path(args.out) / f"{args.recipe}-seed{seed}"),
                               device=args.device, progress=not args.no_progress)
                    for seed in args.seeds]
     for options in all_options:
@@ -155,20 +154,19 @@ def measure_throughput(args: argparse.Namespace) -> None:
     With --side-by-side the model is measured in each of `throughput.side_by_side` runtimes, in one
     process on one idle device: the only comparison of runtimes worth reporting.
     """
-    options = RunOptions(data_dir=args.data_dir, synthetic=args.synthetic, plain=args.plain,
+    options = RunOptions(data_dir=args.data_dir, synthetic=args.synthetic,
                          out=str(Path(args.out) / f"throughput-{args.recipe}"), device=args.device,
                          resume=False, progress=False)
     run = start_run(get_recipe(args.recipe), options)
     data = load_run_data(run)
     mean, std = channel_mean_std(data.train_images)
-    train_loader, _ = build_loaders(data, run.recipe, mean, std, run.runtime.device,
-                                    num_workers=0 if args.plain else None, fast=not args.plain)
+    train_loader, _ = build_loaders(data, run.recipe, mean, std, run.runtime.device)
     loader = throughput.loader_throughput(train_loader, args.batches)
-    fast = replace(run.runtime, compile=args.compile)
-    runtimes = throughput.side_by_side(fast) if args.side_by_side else [fast]
+    runtimes = throughput.side_by_side(run.runtime) if args.side_by_side else [run.runtime]
     for runtime in runtimes:
-        model = throughput.model_throughput(run.recipe, runtime, args.batches, args.warmup)
-        print(f"{run.recipe.name}, {runtime.describe()}: train {model['train_images_per_second']:,.0f} "
+        model = throughput.model_throughput(run.recipe, runtime, args.batches, args.warmup, args.compile)
+        described = runtime.describe() + (", torch.compile" if args.compile else "")
+        print(f"{run.recipe.name}, {described}: train {model['train_images_per_second']:,.0f} "
               f"img/s, eval {model['eval_images_per_second']:,.0f} img/s (model-bound); loader "
               f"{loader['images_per_second']:,.0f} img/s", flush=True)
         append_record({"kind": "throughput", "recorded_utc": utc_now(), "command": _command(),
@@ -176,8 +174,9 @@ def measure_throughput(args: argparse.Namespace) -> None:
                        "model": model,
                        "loader": loader | {"workers": train_loader.num_workers},
                        "limit": "model" if model["train_images_per_second"] < loader["images_per_second"]
-                       else "loader", "data": {"source": data.source}, "runtime": runtime.as_dict(),
-                       "metadata": run_metadata(runtime)}, args.log)
+                       else "loader", "data": {"source": data.source},
+                       "runtime": runtime.as_dict() | {"compile": args.compile},
+                       "metadata": run_metadata(runtime) | {"runtime": described}}, args.log)
 
 
 def _short_commit(commit: str | None) -> str:
@@ -271,7 +270,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--recipe", required=True, choices=sorted(RECIPES))
         q.add_argument("--data-dir")
         q.add_argument("--synthetic", action="store_true")
-        q.add_argument("--plain", action="store_true", help="fp32, NCHW, no loader workers")
         q.add_argument("--device", help="cuda, mps or cpu (default: best available)")
         q.add_argument("--out", default="runs/bench", help="folder for the runs' own files")
         q.add_argument("--note", help="a sentence stored with the record")

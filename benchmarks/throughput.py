@@ -27,7 +27,7 @@ def side_by_side(fast: Runtime) -> list[Runtime]:
     """The runtimes worth comparing on one device: the fast one (autocast + channels_last where
     the hardware has them), the same in NCHW (a norm layer may hand back NCHW and force a
     conversion per layer), and plain fp32 NCHW; each once."""
-    candidates = [fast, replace(fast, channels_last=False), Runtime(fast.device, compile=fast.compile)]
+    candidates = [fast, replace(fast, channels_last=False), Runtime(fast.device)]
     return [r for i, r in enumerate(candidates) if r not in candidates[:i]]
 
 
@@ -50,16 +50,19 @@ def images_per_second(run: Callable[[int], dict[str, Any]], warmup: int, batches
     return images / (time.perf_counter() - start)
 
 
-def model_throughput(recipe: Recipe, runtime: Runtime, batches: int, warmup: int) -> dict[str, float]:
+def model_throughput(recipe: Recipe, runtime: Runtime, batches: int, warmup: int,
+                     compile: bool = False) -> dict[str, float]:
     """Images/s of the recipe's train step (fit's own loop, no loader) and of evaluation at 2x batch.
 
-    With runtime.compile the warm-up also pays for compiling both graphs; pass warmup >= 1 then.
+    `compile` steps torch.compile'd modules (static shapes: each batch size compiled once); the
+    warm-up then also pays for compiling both graphs, so pass warmup >= 1.
     """
     torch.manual_seed(0)
     model = runtime.prepare(create_model(recipe.model, **recipe.model_kwargs))
     # any LR: a step's speed does not depend on it (One Cycle recipes have no starting LR)
     optimizer, criterion = build_optimizer(model, recipe, recipe.lr or 1e-3), build_criterion(recipe)
-    model = runtime.stepper(model)  # as fit() steps it
+    if compile:
+        model = torch.compile(model, dynamic=False)
     train_batch = random_batch(recipe.batch_size, runtime.device)
     eval_batch = random_batch(2 * recipe.batch_size, runtime.device)  # build_loaders evaluates at 2x
 

@@ -56,7 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--workers", type=int, help="loader workers (default: auto)")
-    p.add_argument("--plain", action="store_true", help="fp32, NCHW, default loaders, for comparison")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore a checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--debug", action="store_true",

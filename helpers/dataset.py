@@ -341,29 +341,29 @@ def default_num_workers(device: torch.device | str) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, device: torch.device | str = "cpu",
-                seed: int = 0, num_workers: int | None = None, fast: bool = True) -> DataLoader:
-    """Train: a seeded shuffle per epoch; test: in order. `fast` pins memory for a GPU and keeps
-    the workers alive between epochs."""
+                seed: int = 0, num_workers: int | None = None) -> DataLoader:
+    """Train: a seeded shuffle per epoch; test: in order. Memory pinned for a GPU, and the workers
+    kept alive between epochs."""
     on_cuda = torch.device(device).type == "cuda"
     workers = default_num_workers(device) if num_workers is None else num_workers
-    kept = {"persistent_workers": True, "prefetch_factor": 4 if on_cuda else 2} if fast and workers else {}
+    kept = {"persistent_workers": True, "prefetch_factor": 4 if on_cuda else 2} if workers else {}
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
-                      pin_memory=fast and on_cuda, worker_init_fn=_leave_ctrl_c_to_the_main_process,
+                      pin_memory=on_cuda, worker_init_fn=_leave_ctrl_c_to_the_main_process,
                       generator=torch.Generator().manual_seed(seed), **kept)
 
 
 def build_loaders(data: CifarArrays, recipe: Recipe, mean, std, device="cpu", seed: int = 0,
-                  batch_size: int | None = None, num_workers: int | None = None,
-                  fast: bool = True) -> tuple[DataLoader, DataLoader]:
+                  batch_size: int | None = None,
+                  num_workers: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders for a recipe: augmented + shuffled, and normalized + in order."""
     batch = batch_size or recipe.batch_size
     augmented, normalized = (get_transforms(recipe, train, mean, std) for train in (True, False))
     train_set = CifarDataset(data.train_images, data.train_labels, augmented, seed)
     test_set = CifarDataset(data.test_images, data.test_labels, normalized, seed)
-    train = make_loader(train_set, batch, True, device, seed, num_workers, fast)
+    train = make_loader(train_set, batch, True, device, seed, num_workers)
     # Evaluation has no backward pass, so twice the batch fits in the same memory.
-    return train, make_loader(test_set, 2 * batch, False, device, seed, num_workers, fast)
+    return train, make_loader(test_set, 2 * batch, False, device, seed, num_workers)
 
 
 def denormalize(images: torch.Tensor, mean, std) -> np.ndarray:

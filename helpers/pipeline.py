@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import torch
@@ -28,17 +28,9 @@ from .download import CACHE_ENV
 from .gradcam import GradCAM, find_layer
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import create_model
-from .recipes import Recipe, check, differences
+from .recipes import OverrideError, Recipe, check, differences, parse_value
 from .runtime import Runtime, atomic_write, pick_device, run_metadata, seed_everything
-from .train import (
-    Checkpoint,
-    CheckpointError,
-    FitResult,
-    check_resumable,
-    fit,
-    read_resume_state,
-    recipe_signature,
-)
+from .train import Checkpoint, FitResult, check_resumable, fit, read_resume_state, recipe_signature
 
 
 class SettingsError(ValueError):
@@ -60,7 +52,6 @@ class RunOptions:
     seed: int = 0
     device: str | None = None  # cuda, mps or cpu; None: the best this machine has
     workers: int | None = None  # loader worker processes; None: chosen for the device
-    plain: bool = False  # fp32, NCHW and default loaders, for speed comparisons
     resume: bool = True
     progress: bool = True
 
@@ -92,26 +83,14 @@ class RunOptions:
                 raise SettingsError(f"{name} is not a run option; recipe values go in CIFAR_OVERRIDES "
                                     f"(\"epochs=2 augment.cutout_p=0.5\"), options are "
                                     f"{', '.join(sorted(known))}")
+        hints = get_type_hints(cls)
         for f in fields(cls):
-            raw = env.get(f"CIFAR_{f.name.upper()}", "").strip()
-            if raw:
-                values[f.name] = _parse(f.name, raw, f.type)
+            if raw := env.get(f"CIFAR_{f.name.upper()}", "").strip():
+                try:
+                    values[f.name] = parse_value(raw, hints[f.name], f"CIFAR_{f.name.upper()}")
+                except OverrideError as err:
+                    raise SettingsError(str(err)) from None
         return cls(**values)
-
-
-def _parse(name: str, raw: str, kind: str) -> Any:
-    """A CIFAR_* variable's text as the field's type, with a one-line error for bad text."""
-    if kind.startswith("bool"):
-        if raw.lower() in ("1", "0", "true", "false", "yes", "no"):
-            return raw.lower() in ("1", "true", "yes")
-    elif kind.startswith("int"):
-        try:
-            return int(raw)
-        except ValueError:
-            pass
-    else:
-        return raw
-    raise SettingsError(f"CIFAR_{name.upper()}={raw!r} is not a valid {kind.split(' ')[0]}")
 
 
 def is_full_run(recipe: Recipe, options: RunOptions) -> bool:
@@ -142,7 +121,7 @@ def start_run(recipe: Recipe, options: RunOptions) -> Run:
         raise SettingsError(str(err)) from None
     if not options.synthetic:
         check_data_dir(options.data_dir, options.download)
-    runtime = Runtime.for_device(pick_device(options.device), fast=not options.plain)
+    runtime = Runtime.for_device(pick_device(options.device))
     out = options.out_dir(recipe)
     for folder in (out, Path(options.images_dir)) if options.images_dir else (out,):
         _check_writable(folder)
@@ -295,8 +274,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
     data = load_run_data(run)
     mean, std = channel_mean_std(data.train_images)
     train_loader, test_loader = build_loaders(data, recipe, mean, std, run.runtime.device, options.seed,
-                                              num_workers=0 if options.plain and options.workers is None
-                                              else options.workers, fast=not options.plain)
+                                              num_workers=options.workers)
     seed_everything(options.seed)
     model = create_model(recipe.model, **recipe.model_kwargs)
     finder, max_lr = None, recipe.onecycle.max_lr if recipe.scheduler == "onecycle" else None
@@ -328,8 +306,3 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
     finish_run(run, record, figures)
     return record
 
-
-__all__ = [
-    "CheckpointError", "Run", "RunOptions", "SettingsError", "data_copy", "finish_run", "is_full_run",
-    "load_run_data", "run_info", "run_recipe", "run_record", "save_json", "saved_range_test", "start_run",
-]

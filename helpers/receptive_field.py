@@ -1,7 +1,7 @@
 """Receptive field of each conv/pool layer of a chain-shaped network, in the order the layers run.
 
     for layer in receptive_field(model):             # or receptive_field_table(model) in a notebook
-        print(layer.name, layer.out_size, layer.rf)
+        print(layer["name"], layer["out_size"], layer["rf"])
 
 Forward hooks on a dummy input find the layers, so the order and output sizes are the real ones,
 whatever the model's nesting. From rf = jump = 1 at the input, for each layer with kernel k, stride s
@@ -16,26 +16,10 @@ is not the previous layer's output shape raises ValueError. Kernels are square (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
-
-
-@dataclass(frozen=True)
-class LayerRF:
-    """One conv/pool layer: its geometry, output size, and jump and receptive field at its output."""
-
-    name: str  # dotted module name, as for model.get_submodule
-    kind: str  # class name, e.g. Conv2d
-    kernel: int
-    stride: int
-    dilation: int
-    groups: int  # 1 for pools
-    out_channels: int
-    out_size: int  # output height
-    jump: int  # input pixels between neighbouring output units
-    rf: int  # input pixels one output unit sees, along each axis
 
 
 def _first(value: int | tuple[int, ...]) -> int:
@@ -43,8 +27,10 @@ def _first(value: int | tuple[int, ...]) -> int:
     return value[0] if isinstance(value, tuple) else int(value)
 
 
-def receptive_field(model: nn.Module, input_size: int = 32, in_channels: int = 3) -> list[LayerRF]:
-    """Per-layer receptive fields of `model` on a square `input_size` input, in execution order."""
+def receptive_field(model: nn.Module, input_size: int = 32, in_channels: int = 3) -> list[dict[str, Any]]:
+    """Per-layer receptive fields of `model` on a square `input_size` input, in execution order: each
+    conv/pool layer's dotted name, class, geometry (groups 1 for pools), output channels and height,
+    `jump` (input pixels between neighbouring outputs) and `rf` (input pixels one output sees)."""
     calls: list[tuple[nn.Module, torch.Size, torch.Size]] = []
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -74,9 +60,9 @@ def receptive_field(model: nn.Module, input_size: int = 32, in_channels: int = 3
         dilation = _first(getattr(module, "dilation", 1))  # AvgPool2d has none
         rf += dilation * (kernel - 1) * jump  # (effective kernel - 1) * jump_in
         jump *= stride
-        layers.append(LayerRF(name=names[module], kind=type(module).__name__, kernel=kernel, stride=stride,
-                              dilation=dilation, groups=getattr(module, "groups", 1),
-                              out_channels=out_shape[1], out_size=out_shape[2], jump=jump, rf=rf))
+        layers.append({"name": names[module], "kind": type(module).__name__, "kernel": kernel,
+                       "stride": stride, "dilation": dilation, "groups": getattr(module, "groups", 1),
+                       "out_channels": out_shape[1], "out_size": out_shape[2], "jump": jump, "rf": rf})
         shape = out_shape
     return layers
 
@@ -85,5 +71,4 @@ def receptive_field_table(model: nn.Module, input_size: int = 32, in_channels: i
     """`receptive_field` as a pandas DataFrame, one row per layer, indexed by layer name."""
     import pandas as pd  # only the notebook needs it
 
-    rows = [asdict(layer) for layer in receptive_field(model, input_size, in_channels)]
-    return pd.DataFrame(rows, columns=[f.name for f in fields(LayerRF)]).set_index("name")
+    return pd.DataFrame(receptive_field(model, input_size, in_channels)).set_index("name")

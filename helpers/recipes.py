@@ -225,7 +225,7 @@ def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
             raise OverrideError(f"{key}: fixed by the recipe, whose notebook builds and hooks it by name")
         if key not in known:
             raise OverrideError(f"{key}: no such recipe value; expected one of {', '.join(known)}")
-        value, current = _parse(text, known[key], key), value_at(recipe, key)
+        value, current = parse_value(text, known[key], key), value_at(recipe, key)
         value = current | value if isinstance(current, dict) else value
         section, _, name = key.rpartition(".")  # keys are at most one level deep
         if section:
@@ -235,10 +235,10 @@ def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
     return recipe
 
 
-def _parse(text: str, hint: Any, key: str) -> Any:
+def parse_value(text: str, hint: Any, key: str) -> Any:
     """`text` as a value of the type `hint`, or a one-line OverrideError that says what was expected."""
     if type(None) in get_args(hint):  # "X | None"
-        return None if text.lower() == "none" else _parse(text, get_args(hint)[0], key)
+        return None if text.lower() == "none" else parse_value(text, get_args(hint)[0], key)
     try:
         if hint is bool and text.lower() in ("true", "false", "1", "0"):
             return text.lower() in ("true", "1")

@@ -68,51 +68,43 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device and how a run uses it: autocast dtype, memory layout, compilation."""
+    """The device and how a run uses it: autocast dtype and memory layout."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
     channels_last: bool = False
-    compile: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device | str, fast: bool = True, compile: bool = False) -> Runtime:
+    def for_device(cls, device: torch.device | str, fast: bool = True) -> Runtime:
         """bf16 + channels_last where bf16 is native; fp16 on older GPUs; else (or not `fast`) fp32 NCHW."""
         device = torch.device(device)
         if fast and device.type == "cuda":
             # Not torch.cuda.is_bf16_supported(): it says yes on a T4 (emulated), where cuDNN has
             # no bf16 convolutions. Compute capability 8.0 (Ampere) is where bf16 is native.
             native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
-            return cls(device, torch.bfloat16 if native_bf16 else torch.float16, True, compile)
+            return cls(device, torch.bfloat16 if native_bf16 else torch.float16, True)
         if fast and device.type == "cpu" and cpu_has_native_bf16():
-            return cls(device, torch.bfloat16, True, compile)
+            return cls(device, torch.bfloat16, True)
         # fp32 CPU: channels_last measured slower than NCHW for these convnets (44 vs 48 img/s).
-        return cls(device, compile=compile)
+        return cls(device)
 
     def describe(self) -> str:
         """One line for logs: device, precision, layout."""
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
         layout = "channels_last" if self.channels_last else "NCHW"
-        compiled = ", torch.compile" if self.compile else ""
-        return f"{self.device} {precision[self.amp_dtype]}, {layout}{compiled}"
+        return f"{self.device} {precision[self.amp_dtype]}, {layout}"
 
     def as_dict(self) -> dict[str, Any]:
         """The runtime as plain JSON values."""
         return {"device": str(self.device), "amp_dtype": str(self.amp_dtype).replace("torch.", ""),
-                "channels_last": self.channels_last, "compile": self.compile}
+                "channels_last": self.channels_last}
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device in this runtime's memory layout."""
         if self.device.type == "cuda":
             # cuDNN times its algorithms once per input shape (a run has four) and keeps the fastest.
             torch.backends.cudnn.benchmark = True
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        return model.to(self.device, memory_format=layout)
-
-    def stepper(self, model: nn.Module) -> nn.Module:
-        """The module training steps: the model itself, or torch.compile'd when asked."""
-        # Static shapes: each of the four batch sizes is compiled once, the full batches specialised.
-        return torch.compile(model, dynamic=False) if self.compile else model
+        return model.to(self.device, memory_format=self._layout)
 
     def autocast(self) -> AbstractContextManager:
         """Autocast for the forward pass; in fp32 none at all (torch < 2.5 refuses a disabled one on MPS)."""
@@ -120,20 +112,19 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    @property
-    def scales_loss(self) -> bool:
-        """Whether training scales the loss: fp16 only, whose gradients underflow (bf16 has fp32's range)."""
-        return self.amp_dtype == torch.float16
-
     def scaler(self) -> torch.amp.GradScaler:
-        """The loss scaler, enabled only when `scales_loss`; its inf check syncs once a step."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.scales_loss)
+        """The loss scaler, enabled for fp16 only, whose gradients underflow (bf16 has fp32's range);
+        its inf check syncs once a step."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-blocking copy of a batch, in this runtime's memory layout."""
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        images = images.to(self.device, non_blocking=True, memory_format=layout)
+        images = images.to(self.device, non_blocking=True, memory_format=self._layout)
         return images, labels.to(self.device, non_blocking=True)
+
+    @property
+    def _layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.preserve_format
 
 
 FP32_CPU = Runtime()  # the default of functions that take a runtime: plain fp32 on the CPU
@@ -214,35 +205,13 @@ def run_metadata(runtime: Runtime) -> dict[str, Any]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    """Write through a temporary file in the same folder, then rename: never a half-written file.
+    A killed write leaves `.NAME.tmp` behind, which the next write of NAME replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; their names.
-    The file of a process still alive (another run saving into the same folder) is left alone."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp*"):  # nothing if the folder does not exist
-        pid = tmp.name.rpartition(".tmp")[2]
-        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user counts too)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # not ours to signal, or no such id on this system
-        return True
-    return True

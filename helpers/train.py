@@ -22,16 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .recipes import OPTIMIZERS, Recipe
-from .runtime import (
-    FP32_CPU,
-    Runtime,
-    atomic_write,
-    device_name,
-    git_commit,
-    peak_memory_gib,
-    remove_stale_temporaries,
-    utc_now,
-)
+from .runtime import FP32_CPU, Runtime, atomic_write, device_name, git_commit, peak_memory_gib, utc_now
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -175,10 +166,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     return state
 
 
-def read_resume_state(checkpoint_dir: str | os.PathLike | None) -> dict[str, Any] | None:
-    """The state in `checkpoint_dir/last.pt`, or None when there is none."""
-    last = None if checkpoint_dir is None else Path(checkpoint_dir) / "last.pt"
-    return load_checkpoint(last) if last and last.exists() else None
+def read_resume_state(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The state in `folder/last.pt`, or None when there is none."""
+    return load_checkpoint(Path(folder) / "last.pt") if (Path(folder) / "last.pt").exists() else None
 
 
 def recipe_signature(recipe: Recipe) -> dict[str, Any]:
@@ -211,16 +201,13 @@ def data_signature(train_loader: DataLoader, test_loader: DataLoader) -> dict[st
             "seed": getattr(train_set, "seed", getattr(train_loader.sampler, "seed", None))}
 
 
-def model_signature(model: nn.Module) -> dict[str, Any]:
-    """The architecture as a short hash of every parameter and buffer name with its shape."""
-    shapes = "".join(f"{name}:{tuple(tensor.shape)};" for name, tensor in model.state_dict().items())
-    return {"model.shapes": hashlib.blake2b(shapes.encode(), digest_size=8).hexdigest()}
-
-
 def training_signature(recipe: Recipe, max_lr: float | None, model: nn.Module, train_loader: DataLoader,
                        test_loader: DataLoader) -> dict[str, Any]:
-    """Everything a resumed run must share with the run that wrote the checkpoint."""
-    return (recipe_signature(recipe) | {"max_lr": max_lr} | model_signature(model)
+    """Everything a resumed run must share with the run that wrote the checkpoint; the architecture as
+    a short hash of every parameter and buffer name with its shape."""
+    shapes = "".join(f"{name}:{tuple(tensor.shape)};" for name, tensor in model.state_dict().items())
+    return (recipe_signature(recipe) | {"max_lr": max_lr}
+            | {"model.shapes": hashlib.blake2b(shapes.encode(), digest_size=8).hexdigest()}
             | data_signature(train_loader, test_loader))
 
 
@@ -254,7 +241,6 @@ class Checkpoint:
     def load(self, signature: dict[str, Any], model: nn.Module, optimizer, scheduler,
              scaler: torch.amp.GradScaler) -> tuple[list[dict[str, Any]], int]:
         """Load model, optimizer, scheduler and scaler from last.pt; return the history and epoch."""
-        remove_stale_temporaries(self.path.parent)  # a killed save's half-written file
         state = read_resume_state(self.path.parent) if self.resume else None
         if state is None:
             return [], 0
@@ -331,7 +317,6 @@ class FitResult:
     history: list[dict[str, Any]]
     best_acc: float
     resumed_from_epoch: int = 0
-    wall_seconds: float = 0.0  # this call only
     sessions: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
 
 
@@ -348,11 +333,11 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
         progress: bool = True, on_epoch_end: Callable[[dict], None] | None = print_epoch) -> FitResult:
     """Train for `recipe.epochs` epochs, evaluating after each; with a checkpoint, resume and save. `max_lr`
     is One Cycle's peak (Plateau starts at the recipe's `lr`); `on_epoch_end` gets each history row."""
-    began, model = time.perf_counter(), runtime.prepare(model)
+    model = runtime.prepare(model)
     per_batch = recipe.scheduler == "onecycle"  # One Cycle steps every batch, Plateau once an epoch
     optimizer = build_optimizer(model, recipe, max_lr if per_batch else None)
     scheduler = build_scheduler(optimizer, recipe, len(train_loader), max_lr)
-    scaler, criterion, step_model = runtime.scaler(), build_criterion(recipe), runtime.stepper(model)
+    scaler, criterion = runtime.scaler(), build_criterion(recipe)
     signature = training_signature(recipe, max_lr, model, train_loader, test_loader)
     parts = (model, optimizer, scheduler, scaler)
     history, start = checkpoint.load(signature, *parts) if checkpoint else ([], 0)
@@ -366,9 +351,9 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             for holder in (train_loader.sampler, train_loader.dataset):  # this epoch's order and draws
                 if hasattr(holder, "set_epoch"):
                     holder.set_epoch(epoch)
-            train = train_one_epoch(step_model, Stoppable(train_loader, asked), optimizer, criterion, runtime,
+            train = train_one_epoch(model, Stoppable(train_loader, asked), optimizer, criterion, runtime,
                                     scheduler if per_batch else None, scaler, progress, f"epoch {epoch + 1}")
-            test = evaluate(step_model, Stoppable(test_loader, asked), runtime, progress)
+            test = evaluate(model, Stoppable(test_loader, asked), runtime, progress)
             if not per_batch:
                 scheduler.step(test["acc"])
             history = history + [{
@@ -382,4 +367,4 @@ def fit(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, rec
             if on_epoch_end is not None:
                 on_epoch_end(history[-1])
     return FitResult(history, max((r["test_acc"] for r in history), default=-1.0), start,
-                     time.perf_counter() - began, checkpoint.sessions if checkpoint else [])
+                     checkpoint.sessions if checkpoint else [])

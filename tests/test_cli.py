@@ -101,7 +101,7 @@ def test_tuned_values_reach_optimizer_schedule_and_loss_and_a_killed_run_resumes
     monkeypatch.setattr(train, "save_checkpoint", killed_after_first_epoch)
     assert main(args) == 130
     monkeypatch.setattr(train, "save_checkpoint", original_save)
-    (out / ".last.pt.tmp999999").write_bytes(b"left by a SIGKILL")
+    (out / ".last.pt.tmp").write_bytes(b"left by a SIGKILL")  # the next save replaces it
     assert main(args) == 0
     groups = train.load_checkpoint(out / "last.pt")["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.003, 0.0]
@@ -118,7 +118,7 @@ def test_tuned_values_reach_optimizer_schedule_and_loss_and_a_killed_run_resumes
     assert metrics["resumed_from_epoch"] == 1 and metrics["resumes"] == 1
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
-    assert not (out / ".last.pt.tmp999999").exists()
+    assert not (out / ".last.pt.tmp").exists()
     assert metrics["lr_finder"] is None and "lr_finder.png" not in {p.name for p in out.iterdir()}
     # each value, and the data, is part of what a checkpoint must match: otherwise resuming is refused
     monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
@@ -130,9 +130,9 @@ def test_tuned_values_reach_optimizer_schedule_and_loss_and_a_killed_run_resumes
 def test_s8_values_reach_optimizer_scheduler_model_and_augmentation_and_a_checkpoint_refuses_others(
         tmp_path, monkeypatch):
     out = tmp_path / "s8"
-    late = "{'strides': (1, 2, 2, 1)}"  # the last stage at 8x8; S8's norm and zero init stay
+    plain_init = "{'zero_init_residual': False}"  # merged: S8's norm stays
     patience, cutout_p = S8.plateau.patience + 2, S8.augment.cutout_p / 4  # both unlike the recipe's
-    changed = {"--optimizer": "sgd", "--lr": "0.05", "--model-kwargs": late,
+    changed = {"--optimizer": "sgd", "--lr": "0.05", "--model-kwargs": plain_init,
                "--plateau.patience": str(patience), "--augment.cutout-p": str(cutout_p)}
     args = ["train", "--recipe", "s8", "--out", str(out)] + [a for kv in changed.items() for a in kv] + TINY
     assert main(args) == 0
@@ -140,15 +140,15 @@ def test_s8_values_reach_optimizer_scheduler_model_and_augmentation_and_a_checkp
     assert [(g["lr"], g["nesterov"]) for g in state["optimizer"]["param_groups"]] == [(0.05, True)] * 2
     assert state["scheduler"]["patience"] == patience
     metrics = json.loads((out / "metrics.json").read_text())
-    late_kwargs = {"norm": "ln", "zero_init_residual": True, "strides": [1, 2, 2, 1]}
-    assert metrics["changed"] == {"model_kwargs": late_kwargs, "optimizer": "sgd", "lr": 0.05,
-                                  "augment.cutout_p": cutout_p, "plateau.patience": patience, "epochs": 1,
+    assert metrics["changed"] == {"model_kwargs": {"norm": "ln", "zero_init_residual": False},
+                                  "optimizer": "sgd", "lr": 0.05, "augment.cutout_p": cutout_p,
+                                  "plateau.patience": patience, "epochs": 1,
                                   "batch_size": 32, "train_subset": 64, "test_subset": 40}
     assert not metrics["full_run"]
     monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
     for flag in changed:  # without --lr, SGD would have no LR of its own: another one instead
         assert main(with_flag(args, flag, "0.02" if flag == "--lr" else None)) == 2, f"{flag} differs"
-    bad = "{'norm': 'ln', 'strides': (1, 2, 2)}"  # three stages for ResNet18's four
+    bad = "{'norm': 'gn'}"  # no such norm
     assert main(["train", "--recipe", "s8", "--synthetic", "--out", str(tmp_path / "never"),
                  "--model-kwargs", bad]) == 2
     assert not (tmp_path / "never").exists()

@@ -35,8 +35,8 @@ def test_a_gpus_compute_capability_chooses_autocast_and_loss_scaling(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available": the context is only inspected
         assert cuda.autocast().fast_dtype == dtype
-    assert cuda.scales_loss == scales_loss and cuda.channels_last
-    # what scales_loss gives the scaler, seen on the CPU, where a GradScaler can be enabled
+    assert cuda.amp_dtype == dtype and cuda.channels_last
+    # the scaler that dtype gets, seen on the CPU, where a GradScaler can be enabled
     cpu = Runtime(torch.device("cpu"), dtype)
     assert cpu.scaler().is_enabled() == scales_loss
 

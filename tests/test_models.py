@@ -84,26 +84,6 @@ def test_zero_init_residual_makes_blocks_start_as_identity():
     assert all(not b.norm2.weight.detach().any() for b in model.layer1)
 
 
-def test_strides_move_the_downsampling_and_keep_the_weights():
-    default = create_model("resnet18", norm="ln")
-    late = create_model("resnet18", norm="ln", strides=(1, 2, 2, 1))
-    assert count_parameters(late) == RESNET_PARAMS["resnet18"]
-    assert [tuple(p.shape) for p in late.parameters()] == [tuple(p.shape) for p in default.parameters()]
-    late.load_state_dict(default.state_dict())
-    sizes = {}
-    for name in ("layer3", "layer4"):
-        for model, key in ((default, "default"), (late, "late")):
-            getattr(model, name).register_forward_hook(
-                lambda m, i, o, k=f"{key}.{name}": sizes.__setitem__(k, tuple(o.shape[-2:])))
-    x = torch.randn(2, 3, 32, 32)
-    out_default, out_late = default(x), late(x)
-    assert sizes == {"default.layer3": (8, 8), "late.layer3": (8, 8),
-                     "default.layer4": (4, 4), "late.layer4": (8, 8)}
-    assert out_late.shape == (2, 10) and not torch.allclose(out_default, out_late)
-    with pytest.raises(ValueError):
-        create_model("resnet18", strides=(1, 2, 3, 1))
-
-
 def test_unknown_names_give_clear_errors():
     with pytest.raises(ValueError):
         create_model("resnet50")

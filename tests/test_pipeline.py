@@ -54,9 +54,10 @@ def test_another_optimizer_must_bring_its_own_lr_where_the_recipe_fixes_one():
 
 
 def test_a_dict_override_is_merged_and_may_hold_spaces():
-    late = override(S8, "model_kwargs={'strides': (1, 2, 2, 1)} epochs=3")
-    assert late.model_kwargs == S8.model_kwargs | {"strides": (1, 2, 2, 1)} and late.epochs == 3
-    assert override(S8, ["model_kwargs={'strides': (1, 2, 2, 1)}", "epochs=3"]) == late  # a list too
+    plain = override(S8, "model_kwargs={'zero_init_residual': False,  'norm': 'bn'} epochs=3")
+    assert plain.model_kwargs == {"norm": "bn", "zero_init_residual": False} and plain.epochs == 3
+    assert override(S8, "model_kwargs={'zero_init_residual': False}").model_kwargs["norm"] == "ln"  # merged
+    assert override(S8, ["model_kwargs={'zero_init_residual': False,  'norm': 'bn'}", "epochs=3"]) == plain
 
 
 def test_overrides_read_none_booleans_and_choices():

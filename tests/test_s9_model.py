@@ -27,7 +27,7 @@ def executed_convs(model: nn.Module, input_size: int = 32) -> list[nn.Conv2d]:
 
 def block_rf(model: nn.Module, block: str) -> int:
     """Receptive field at the output of a block: that of its last conv/pool layer."""
-    return [layer.rf for layer in receptive_field(model) if layer.name.startswith(block + ".")][-1]
+    return [layer["rf"] for layer in receptive_field(model) if layer["name"].startswith(block + ".")][-1]
 
 
 def test_registered_and_output_shape():
@@ -71,10 +71,10 @@ def test_no_max_pool_and_downsampling_only_by_strided_convs():
     model = DilatedDWSepNet()
     assert not any("MaxPool" in type(m).__name__ for m in model.modules())
     layers = receptive_field(model)  # raises if something unhooked (e.g. F.max_pool2d) resizes the map
-    assert {layer.kind for layer in layers} == {"Conv2d"}
-    strides = [layer.stride for layer in layers]
+    assert {layer["kind"] for layer in layers} == {"Conv2d"}
+    strides = [layer["stride"] for layer in layers]
     assert strides.count(2) == 2 and set(strides) == {1, 2}
-    assert layers[-1].out_size == 32 // layers[-1].jump == 8
+    assert layers[-1]["out_size"] == 32 // layers[-1]["jump"] == 8
 
 
 def test_depthwise_conv_followed_by_pointwise_conv():
@@ -111,7 +111,7 @@ def test_gradcam_layer_map_is_at_least_8x8():
 def test_receptive_field_over_44():
     model = DilatedDWSepNet()
     assert {block: block_rf(model, block) for block in BLOCKS} == {"c1": 5, "c2": 17, "c3": 41, "c4": 65}
-    assert receptive_field(model)[-1].rf > 44
+    assert receptive_field(model)[-1]["rf"] > 44
 
 
 @pytest.mark.parametrize("last_block", BLOCKS)
@@ -143,12 +143,12 @@ def test_receptive_field_of_a_hand_model():
         nn.Conv2d(4, 4, 3, dilation=2, padding=2), nn.MaxPool2d(2),
     )
     layers = receptive_field(model, input_size=32, in_channels=1)
-    assert [(lay.name, lay.kind) for lay in layers] == [
+    assert [(lay["name"], lay["kind"]) for lay in layers] == [
         ("0", "Conv2d"), ("2", "Conv2d"), ("4", "Conv2d"), ("5", "MaxPool2d")]
-    assert [lay.rf for lay in layers] == [3, 5, 13, 15]
-    assert [lay.jump for lay in layers] == [1, 2, 2, 4]
-    assert [lay.out_size for lay in layers] == [32, 16, 16, 8]
-    assert [lay.dilation for lay in layers] == [1, 1, 2, 1]
+    assert [lay["rf"] for lay in layers] == [3, 5, 13, 15]
+    assert [lay["jump"] for lay in layers] == [1, 2, 2, 4]
+    assert [lay["out_size"] for lay in layers] == [32, 16, 16, 8]
+    assert [lay["dilation"] for lay in layers] == [1, 1, 2, 1]
 
 
 def test_receptive_field_refuses_a_branch_with_its_own_conv():

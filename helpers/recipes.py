@@ -240,8 +240,8 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
     if type(None) in get_args(hint):  # "X | None"
         return None if text.lower() == "none" else parse_value(text, get_args(hint)[0], key)
     try:
-        if hint is bool and text.lower() in ("true", "false", "1", "0"):
-            return text.lower() in ("true", "1")
+        if hint is bool and text.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return text.lower() in ("true", "yes", "1")
         if hint in (int, float, str):
             return hint(text)
         if get_origin(hint) is Literal and text in get_args(hint):

@@ -212,7 +212,7 @@ def override(recipe: Recipe, assignments: str | list[str]) -> Recipe:
     """A copy of `recipe` with "key=value" assignments applied: "epochs=2 augment.cutout_p=0.5".
 
     Values are read as their field's type, a dict as a Python literal that is merged into the
-    recipe's: model_kwargs="{'strides': (1, 2, 2, 1)}" keeps S8's norm.
+    recipe's: model_kwargs="{'zero_init_residual': False}" keeps S8's norm.
     """
     if isinstance(assignments, str):  # split before each "key=", so a value may hold spaces
         assignments = [a for a in re.split(r"\s+(?=[\w.]+=)", assignments.strip()) if a]

@@ -12,38 +12,45 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Anneal = Literal["linear", "cos"]  # One Cycle's shapes, as torch's OneCycleLR names them
+# A number carries the values a run may give it, in interval notation: "[" and "]" include the
+# bound, "(" and ")" do not. `check` refuses the rest.
+Count = Annotated[int, "[1, inf)"]
+Positive = Annotated[float, "(0, inf)"]
+NonNegative = Annotated[float, "[0, inf)"]
+Probability = Annotated[float, "[0, 1]"]
+Fraction = Annotated[float, "[0, 1)"]
 
 
 @dataclass(frozen=True)
 class Augment:
     """Train-time augmentation; the test pipeline only normalizes."""
 
-    crop_padding: int = 4  # torchvision RandomCrop(32, padding=4): zero-pad 4, crop 32x32
-    hflip_p: float = 0.0
-    rotate_limit: float = 0.0  # degrees, uniform in [-limit, +limit]
+    crop_padding: Annotated[int, "[0, 16]"] = 4  # torchvision RandomCrop(32, padding=4): pad, crop 32x32
+    hflip_p: Probability = 0.0
+    rotate_limit: Annotated[float, "[0, 180]"] = 0.0  # degrees, uniform in [-limit, +limit]
     # Shift-scale-rotate in one affine warp when either is set (albumentations 2.x `Affine`, the
     # replacement of the deprecated ShiftScaleRotate), else `rotate_limit` alone is a plain Rotate.
-    shift_limit: float = 0.0  # fraction of the side, uniform in [-limit, +limit] on each axis
-    scale_limit: float = 0.0  # zoom uniform in [1 - limit, 1 + limit]
-    affine_p: float = 1.0  # how often the shift-scale-rotate warp is applied
-    cutout_size: int = 0  # side of the single square hole, filled with the dataset mean
-    cutout_p: float = 1.0
+    shift_limit: Annotated[float, "[0, 0.5]"] = 0.0  # of the side, uniform in [-limit, +limit] per axis
+    scale_limit: Fraction = 0.0  # zoom uniform in [1 - limit, 1 + limit]
+    affine_p: Probability = 1.0  # how often the shift-scale-rotate warp is applied
+    cutout_size: Annotated[int, "[0, 32]"] = 0  # side of the single square hole, filled with the dataset mean
+    cutout_p: Probability = 1.0
 
 
 @dataclass(frozen=True)
 class OneCycle:
     """Two-phase One Cycle, stepped every batch: linear (the course's) or cosine-shaped phases."""
 
-    peak_epoch: int = 5  # the LR peaks at the end of this epoch
-    div_factor: float = 10.0  # start LR = max_lr / div_factor
-    final_div_factor: float = 1.0  # 1.0: no annihilation, the last LR equals the start LR
-    short_run_pct: float = 5 / 24  # runs too short to reach peak_epoch (smoke tests) peak here
-    max_lr: float | None = None  # a fixed peak; None: the LR range test chooses it
+    peak_epoch: Count = 5  # the LR peaks at the end of this epoch
+    div_factor: Annotated[float, "(1, inf)"] = 10.0  # start LR = max_lr / div_factor
+    final_div_factor: Annotated[float, "[1, inf)"] = 1.0  # 1.0: no annihilation, the last LR = the start LR
+    short_run_pct: Annotated[float, "(0, 1)"] = 5 / 24  # where runs too short for peak_epoch peak
+    max_lr: Positive | None = None  # a fixed peak; None: the LR range test chooses it
     anneal: Anneal = "linear"  # the shape of both phases; "cos" stays near the peak longer
 
     def pct_start(self, epochs: int) -> float:
@@ -55,22 +62,22 @@ class OneCycle:
 class Plateau:
     """ReduceLROnPlateau, stepped once per epoch on the test accuracy (mode 'max')."""
 
-    factor: float = 0.2
-    patience: int = 2
-    threshold: float = 0.001  # absolute, in accuracy (0.001 = 0.1 percentage point)
-    min_lr: float = 1e-4
+    factor: Annotated[float, "(0, 1)"] = 0.2
+    patience: Annotated[int, "[0, inf)"] = 2
+    threshold: NonNegative = 0.001  # absolute, in accuracy (0.001 = 0.1 percentage point)
+    min_lr: NonNegative = 1e-4
 
 
 @dataclass(frozen=True)
 class LRFinder:
     """Exponential LR range test settings."""
 
-    start_lr: float = 1e-6
-    end_lr: float = 1.0
-    num_iter: int = 100
-    smooth: float = 0.05  # weight of the newest loss in the exponential moving average
-    diverge: float = 5.0  # stop when the smoothed loss exceeds this multiple of its minimum
-    fraction: float = 0.1  # suggested max LR = this fraction of the LR at the smoothed-loss minimum
+    start_lr: Positive = 1e-6
+    end_lr: Positive = 1.0
+    num_iter: Annotated[int, "[2, inf)"] = 100
+    smooth: Annotated[float, "(0, 1]"] = 0.05  # weight of the newest loss in the exponential moving average
+    diverge: Annotated[float, "(1, inf)"] = 5.0  # stop at this multiple of the smoothed minimum
+    fraction: Positive = 0.1  # suggested max LR = this fraction of the LR at the smoothed-loss minimum
 
 
 @dataclass(frozen=True)
@@ -80,23 +87,23 @@ class Recipe:
     name: str
     model: str
     model_kwargs: dict[str, Any]
-    epochs: int
-    batch_size: int
+    epochs: Count
+    batch_size: Count
     optimizer: Optimizer
-    weight_decay: float
+    weight_decay: NonNegative
     scheduler: Literal["onecycle", "plateau"]
     augment: Augment
     gradcam_layer: str  # dotted module name, chosen for a map of at least 8x8
-    lr: float | None = None  # ReduceLROnPlateau's starting LR; One Cycle sets every step's LR itself
-    momentum: float = 0.9
+    lr: Positive | None = None  # ReduceLROnPlateau's starting LR; One Cycle sets every step's LR itself
+    momentum: Fraction = 0.9
     nesterov: bool = True
-    label_smoothing: float = 0.0
+    label_smoothing: Fraction = 0.0
     onecycle: OneCycle = field(default_factory=OneCycle)
     plateau: Plateau = field(default_factory=Plateau)
     lr_finder: LRFinder = field(default_factory=LRFinder)
-    num_misclassified: int = 20
-    train_subset: int | None = None  # a seeded subset of the training images (smoke and proxy runs)
-    test_subset: int | None = None
+    num_misclassified: Count = 20
+    train_subset: Count | None = None  # a seeded subset of the training images (smoke and proxy runs)
+    test_subset: Count | None = None
 
 
 S10 = Recipe(
@@ -159,19 +166,6 @@ S9 = Recipe(
 RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}
 FIXED = ("name", "model", "scheduler", "gradcam_layer")  # the notebooks build and hook these by name
 
-# The values a run can use, in interval notation: "[" and "]" include the bound, "(" and ")" do not.
-RANGES = {
-    "epochs": "[1, inf)", "batch_size": "[1, inf)", "train_subset": "[1, inf)", "test_subset": "[1, inf)",
-    "num_misclassified": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
-    "label_smoothing": "[0, 1)", "augment.crop_padding": "[0, 16]", "augment.hflip_p": "[0, 1]",
-    "augment.rotate_limit": "[0, 180]", "augment.shift_limit": "[0, 0.5]", "augment.scale_limit": "[0, 1)",
-    "augment.affine_p": "[0, 1]", "augment.cutout_size": "[0, 32]", "augment.cutout_p": "[0, 1]",
-    "onecycle.peak_epoch": "[1, inf)", "onecycle.div_factor": "(1, inf)", "onecycle.max_lr": "(0, inf)",
-    "onecycle.final_div_factor": "[1, inf)", "onecycle.short_run_pct": "(0, 1)", "plateau.factor": "(0, 1)",
-    "plateau.patience": "[0, inf)", "plateau.threshold": "[0, inf)", "plateau.min_lr": "[0, inf)",
-    "lr_finder.start_lr": "(0, inf)", "lr_finder.end_lr": "(0, inf)", "lr_finder.num_iter": "[2, inf)",
-    "lr_finder.smooth": "(0, 1]", "lr_finder.diverge": "(1, inf)", "lr_finder.fraction": "(0, inf)",
-}
 
 
 class OverrideError(ValueError):
@@ -185,15 +179,26 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name.lower()]
 
 
-def keys(settings: Any = S10, prefix: str = "") -> dict[str, Any]:
-    """Every value a recipe holds but the FIXED ones, the same in every recipe: dotted key and type."""
+def keys(settings: Any = S10, prefix: str = "", extras: bool = False) -> dict[str, Any]:
+    """Every value a recipe holds but the FIXED ones, the same in every recipe: dotted key and type
+    (with `extras`, a number's type keeps its interval: Annotated[int, "[1, inf)"])."""
     found = {}
-    for name, hint in get_type_hints(type(settings)).items():
+    for name, hint in get_type_hints(type(settings), include_extras=extras).items():
         if dataclasses.is_dataclass(part := getattr(settings, name)):
-            found |= keys(part, f"{prefix}{name}.")
+            found |= keys(part, f"{prefix}{name}.", extras)
         elif prefix or name not in FIXED:
             found[prefix + name] = hint
     return found
+
+
+def interval(hint: Any) -> str | None:
+    """The interval a number's type carries (of X in "X | None"), or None for other types."""
+    if type(None) in get_args(hint):
+        hint = get_args(hint)[0]
+    return get_args(hint)[1] if get_origin(hint) is Annotated else None
+
+
+RANGES = {key: interval(hint) for key, hint in keys(extras=True).items() if interval(hint)}  # for `check`
 
 
 def value_at(recipe: Any, key: str) -> Any:

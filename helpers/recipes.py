@@ -167,7 +167,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}
 FIXED = ("name", "model", "scheduler", "gradcam_layer")  # the notebooks build and hook these by name
 
 
-
 class OverrideError(ValueError):
     """A recipe value that cannot be: an unknown key, a wrong type or a value out of range."""
 
@@ -198,7 +197,7 @@ def interval(hint: Any) -> str | None:
     return get_args(hint)[1] if get_origin(hint) is Annotated else None
 
 
-RANGES = {key: interval(hint) for key, hint in keys(extras=True).items() if interval(hint)}  # for `check`
+RANGES = {key: bounds for key, hint in keys(extras=True).items() if (bounds := interval(hint))}  # for `check`
 
 
 def value_at(recipe: Any, key: str) -> Any:

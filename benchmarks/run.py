@@ -17,13 +17,16 @@ import contextlib
 import json
 import os
 import shlex
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from helpers.__main__ import OneLineParser, add_recipe_flags, recipe_from_args, run_guarded
+from helpers.analysis import predict
 from helpers.dataset import build_loaders, channel_mean_std
+from helpers.models import create_model
 from helpers.pipeline import RunOptions, SettingsError, load_run_data, run_recipe, start_run
 from helpers.recipes import RECIPES, get_recipe
 from helpers.runtime import atomic_write, run_metadata, utc_now
@@ -117,7 +120,7 @@ def train(args: argparse.Namespace, started: list[Path]) -> None:
     recipe = recipe_from_args(args)
     # Every seed's options first: a bad one is refused before any seed trains.
     all_options = [RunOptions(data_dir=args.data_dir, synthetic=args.synthetic, seed=seed,
-                              out=str(Path(args.out) / f"{args.recipe}-seed{seed}"),
+                              out=str(Path(args.out) / "{recipe}"),  # each seed its variant's folder
                               device=args.device, progress=not args.no_progress)
                    for seed in args.seeds]
     for options in all_options:
@@ -130,13 +133,39 @@ def train(args: argparse.Namespace, started: list[Path]) -> None:
 
 
 def record(args: argparse.Namespace) -> None:
-    """Record a run the CLI or a notebook finished (its metrics.json), e.g. a long resumed CPU run."""
+    """Record a run the CLI or a notebook finished (its metrics.json), e.g. a long resumed CPU run;
+    its flip-TTA accuracy is computed from its last.pt when the metrics lack it."""
     metrics_path = Path(args.run_dir) / "metrics.json"
     if not metrics_path.exists():
         raise SettingsError(f"no {metrics_path}; finish the run first (python -m helpers train ...)")
     metrics = json.loads(metrics_path.read_text())
+    if metrics.get("flip_tta_acc") is None and (Path(args.run_dir) / "last.pt").exists():
+        metrics["flip_tta_acc"] = flip_tta_accuracy(Path(args.run_dir), metrics, args.data_dir)
     command = metrics.get("command") or f"python -m helpers train --recipe {metrics['recipe']}"
     append_record(training_record(metrics, command, args.note), args.log)
+
+
+def flip_tta_accuracy(run_dir: Path, metrics: dict[str, Any], data_dir: str | None) -> float:
+    """The flip-TTA test accuracy of a finished assignment run's last.pt, on the run's test set; refused
+    when the plain accuracy of those weights is not the run's own (other data, or other weights)."""
+    if metrics.get("changed") != {} or metrics["data"]["copy"] == "synthetic":
+        raise SettingsError(f"{run_dir}: flip TTA is computed afterwards for assignment runs on real data "
+                            "only; record it without its last.pt")
+    options = RunOptions(data_dir=data_dir or metrics["settings"]["data_dir"], out=str(run_dir),
+                         seed=metrics["settings"]["seed"], progress=False)
+    run = start_run(get_recipe(metrics["recipe"]), options)
+    data = load_run_data(run)
+    mean, std = channel_mean_std(data.train_images)
+    _, test_loader = build_loaders(data, run.recipe, mean, std, run.runtime.device, options.seed)
+    model = run.runtime.prepare(create_model(run.recipe.model, **run.recipe.model_kwargs))
+    model.load_state_dict(run.resume_state["model"])
+    plain, flipped = (predict(model, test_loader, run.runtime, False, flip) for flip in (False, True))
+    if abs(plain.accuracy - metrics["predict_acc"]) > 0.002:  # another CPU's bf16 may flip a few images
+        raise SettingsError(f"{run_dir}/last.pt scores {100 * plain.accuracy:.2f}% on {options.data_dir}, "
+                            f"not the run's {100 * metrics['predict_acc']:.2f}%; pass the run's --data-dir")
+    print(f"{run_dir}: test accuracy {100 * plain.accuracy:.2f}%, "
+          f"with flip TTA {100 * flipped.accuracy:.2f}%")
+    return flipped.accuracy
 
 
 def same_run(metrics: dict[str, Any], record: dict[str, Any]) -> bool:
@@ -220,6 +249,32 @@ def _cell(text: str | None) -> str:
     return (text or "").replace("|", "\\|")
 
 
+def spread(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per recipe and data copy, the assignment's full runs (nothing `changed`; the latest one of each
+    seed): their final accuracies, mean, sample std, range, flip-TTA mean and devices."""
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in records:
+        if r["kind"] == "training" and r["full_run"] and r.get("changed") == {}:
+            latest[r["recipe"], r["data"]["copy"], r["settings"]["seed"]] = r
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (recipe, copy, _), r in sorted(latest.items()):
+        groups.setdefault((recipe, copy), []).append(r)
+    table = {}
+    for key, runs in groups.items():
+        accs = [r["final_test_acc"] for r in runs]
+        tta = [r["flip_tta_acc"] for r in runs if r.get("flip_tta_acc") is not None]
+        table[key] = {"n": len(runs), "seeds": [r["settings"]["seed"] for r in runs], "accs": accs,
+                      "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else None,
+                      "min": min(accs), "max": max(accs), "tta_mean": statistics.mean(tta) if tta else None,
+                      "tta_n": len(tta), "devices": sorted({_device(r) for r in runs})}
+    return table
+
+
+def _device(record: dict[str, Any]) -> str:
+    meta = record["metadata"]
+    return f"{meta['device_name']}, {meta['runtime']}"
+
+
 def write_report(log: Path = LOG, report: Path = REPORT) -> str:
     """Regenerate results.md: one table of training runs, one of throughput, newest last."""
     records = read_records(log)
@@ -241,6 +296,18 @@ def write_report(log: Path = LOG, report: Path = REPORT) -> str:
             f"{r['train_images_per_second'] or 0:.0f} | {r['resumes']} | "
             f"{_short_commit(meta['git_commit'])} | "
             f"{_cell(r.get('note'))} |")
+    lines += ["", "## Spread over seeds", "",
+              "The assignment's full runs (recipe unchanged, the latest run of each seed): mean and sample "
+              "standard deviation of the final test accuracy. Flip TTA (each test image averaged with its "
+              "mirror) is reported beside it, for the runs that have it.", "",
+              "| recipe | data | n | seeds | final acc: each run | mean ± std | lowest | highest "
+              "| flip TTA mean (n) | devices |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (recipe, copy), s in spread(records).items():
+        std = "" if s["std"] is None else f" ± {100 * s['std']:.2f}"
+        lines.append(
+            f"| {recipe} | {copy} | {s['n']} | {', '.join(map(str, s['seeds']))} | "
+            f"{', '.join(_pct(a) for a in s['accs'])} | {_pct(s['mean'])}{std} | {_pct(s['min'])} | "
+            f"{_pct(s['max'])} | {_pct(s['tta_mean'])} ({s['tta_n']}) | {'; '.join(s['devices'])} |")
     lines += ["", "## Where the time goes", "",
               "Model-bound: train steps (forward, backward, update) and evaluation on one batch already on "
               "the device; loader-bound: the train loader alone (augmentation and collation).", "",
@@ -286,6 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = sub.add_parser("record")
     r.add_argument("run_dir")
     r.add_argument("--note")
+    r.add_argument("--data-dir", help="the run's data folder, for flip TTA from its last.pt")
     sub.add_parser("report")
     n = sub.add_parser("notebook", help="execute a notebook in place (after its run has finished)")
     n.add_argument("notebook")

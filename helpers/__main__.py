@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true",
                    help="fetch CIFAR-10 from md5-verified mirrors ($CIFAR10_URLS) if --data-dir lacks it")
     p.add_argument("--synthetic", action="store_true", help="synthetic images (smoke runs)")
-    p.add_argument("--out", help="run folder (default runs/<recipe>)")
+    p.add_argument("--out", help="run folder, where {recipe} is the variant's name (default runs/{recipe}: "
+                   "runs/s8, runs/s8-norm=bn, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--workers", type=int, help="loader workers (default: auto)")

@@ -29,8 +29,9 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, runtime: Runtime = FP32_CPU,
-            progress: bool = True) -> Predictions:
-    """Predictions on an unshuffled loader, in dataset order."""
+            progress: bool = True, flip: bool = False) -> Predictions:
+    """Predictions on an unshuffled loader, in dataset order. With `flip`, each image's probabilities
+    are the mean of its own and its horizontal mirror's (flip test-time augmentation: two passes)."""
     if not isinstance(loader.sampler, SequentialSampler):
         raise ValueError("predict needs an unshuffled loader (SequentialSampler) so that row i "
                          f"is dataset item i; got {type(loader.sampler).__name__}")
@@ -39,8 +40,10 @@ def predict(model: nn.Module, loader: DataLoader, runtime: Runtime = FP32_CPU,
     for images, target in tqdm(loader, desc="predict", leave=False, disable=not progress):
         images, target = runtime.to_device(images, target)
         with runtime.autocast():
-            logits = model(images)
-        probs.append(logits.float().softmax(1).cpu())
+            batch_probs = model(images).float().softmax(1)
+            if flip:  # a mirror image shows the same class: two views average out part of each one's error
+                batch_probs = (batch_probs + model(images.flip(3)).float().softmax(1)) / 2
+        probs.append(batch_probs.cpu())
         labels.append(target.cpu())
     p = torch.cat(probs).numpy()
     return Predictions(p, p.argmax(1), torch.cat(labels).numpy())

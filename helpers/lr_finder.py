@@ -37,6 +37,11 @@ class LRRangeResult:
         """Plain values, for checkpoints and metrics.json."""
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line: steps, where the smoothed loss was lowest and fell fastest, the max LR chosen."""
+        return (f"{len(self.lrs)} steps; smoothed loss lowest at {self.min_loss_lr:.3e}, steepest descent "
+                f"at {self.steepest_lr:.3e}; max LR {self.suggested_lr:.3e} ({self.rule})")
+
 
 def lr_range_test(model: nn.Module, loader: DataLoader, recipe: Recipe, runtime: Runtime = FP32_CPU,
                   num_iter: int | None = None, progress: bool = True) -> LRRangeResult:

@@ -7,9 +7,11 @@ the command line (`python -m helpers train`) and the benchmarks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from .download import CACHE_ENV
 from .gradcam import GradCAM, find_layer
 from .lr_finder import LRRangeResult, lr_range_test
 from .models import create_model
-from .recipes import OverrideError, Recipe, check, differences, parse_value
+from .recipes import OverrideError, Recipe, check, differences, parse_value, variant
 from .runtime import Runtime, atomic_write, pick_device, run_metadata, seed_everything
 from .train import Checkpoint, FitResult, check_resumable, fit, read_resume_state, recipe_signature
 
@@ -47,7 +49,7 @@ class RunOptions:
     data_dir: str | None = "data"  # an ImageFolder copy, torchvision's files, or where to download
     download: bool = False
     synthetic: bool = False  # made-up images for smoke runs: no data folder needed
-    out: str | None = None  # the run folder; "{recipe}" is replaced; default runs/<recipe>
+    out: str | None = None  # the run folder; "{recipe}" becomes `variant_folder`; default runs/{recipe}
     images_dir: str | None = None  # also save the figures there, as <recipe>_<figure>.png
     seed: int = 0
     device: str | None = None  # cuda, mps or cpu; None: the best this machine has
@@ -69,8 +71,8 @@ class RunOptions:
             raise SettingsError(f"out {self.out!r}: the only placeholder allowed is {{recipe}}") from None
 
     def out_dir(self, recipe: Recipe) -> Path:
-        """The run folder: checkpoints, metrics.json and figures."""
-        return Path((self.out or "runs/{recipe}").format(recipe=recipe.name))
+        """The run folder: checkpoints, metrics.json and figures; each variant has its own."""
+        return Path((self.out or "runs/{recipe}").format(recipe=variant_folder(recipe, self.seed)))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **defaults: Any) -> RunOptions:
@@ -91,6 +93,23 @@ class RunOptions:
                 except OverrideError as err:
                     raise SettingsError(str(err)) from None
         return cls(**values)
+
+
+def variant_folder(recipe: Recipe, seed: int = 0) -> str:
+    """The folder name of a run: the recipe's name for the assignment's run, else with what differs
+    ("s8-norm=bn", "s10-seed=1"), or a short hash of it where that is long or no plain folder name."""
+    changed = variant(recipe.name, differences(recipe), seed)
+    name = "-".join([recipe.name, *(f"{key}={value}" for key, value in changed.items())])
+    if len(name) > 50 or not re.fullmatch(r"[\w.,=+-]+", name, re.ASCII):
+        name = f"{recipe.name}-{hashlib.blake2b(repr(changed).encode(), digest_size=4).hexdigest()}"
+    return name
+
+
+def variant_folders(run: Run) -> list[Path]:
+    """The finished run folders of the run's recipe beside its own (the assignment's and its variants)."""
+    name = run.recipe.name
+    return sorted(path.parent for path in run.out.parent.glob(f"{name}*/metrics.json")
+                  if path.parent.name == name or path.parent.name.startswith(f"{name}-"))
 
 
 def is_full_run(recipe: Recipe, options: RunOptions) -> bool:
@@ -221,7 +240,8 @@ def save_json(path: str | os.PathLike, value: Any) -> None:
 
 
 def run_record(run: Run, data: CifarArrays, result: FitResult, predictions: Predictions,
-               mistakes: np.ndarray, max_lr: float | None, finder: LRRangeResult | None) -> dict[str, Any]:
+               mistakes: np.ndarray, max_lr: float | None, finder: LRRangeResult | None,
+               flip_tta_acc: float | None = None) -> dict[str, Any]:
     """Everything a reader needs to trust the numbers: results, speed, device, versions, settings."""
     history = result.history
     train_seconds, test_seconds = (sum(r[f"{k}_seconds"] for r in history) for k in ("train", "test"))
@@ -245,6 +265,7 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, predictions: Pred
         "wall_seconds": time.perf_counter() - run.started,  # this execution only
         "misclassified_indices": [int(i) for i in mistakes],
         "predict_acc": predictions.accuracy,
+        "flip_tta_acc": flip_tta_acc,  # beside the plain accuracy, never instead of it
         "data": {"source": data.source, "copy": data_copy(data.source),
                  "train": int(len(data.train_labels)), "test": int(len(data.test_labels))},
         "runtime": run.runtime.as_dict(),
@@ -257,12 +278,14 @@ def run_record(run: Run, data: CifarArrays, result: FitResult, predictions: Pred
 
 
 def finish_run(run: Run, record: dict[str, Any], figures: dict[str, Figure]) -> None:
-    """Write metrics.json, then every figure, into the run folder (and images_dir)."""
+    """Write metrics.json, then every figure, into the run folder (and images_dir, named after the
+    run's variant: s8_history.png for the assignment, s8-norm=bn_history.png for a variant)."""
     save_json(run.out / "metrics.json", record)
     for name, fig in figures.items():
         visualize.save_figure(fig, run.out / f"{name}.png")
         if run.options.images_dir:
-            visualize.save_figure(fig, Path(run.options.images_dir) / f"{run.recipe.name}_{name}.png")
+            variant = variant_folder(run.recipe, run.options.seed)  # never over the assignment's figures
+            visualize.save_figure(fig, Path(run.options.images_dir) / f"{variant}_{name}.png")
     if record["final_test_acc"] is not None:
         print(f"final test accuracy {100 * record['final_test_acc']:.2f}% (best "
               f"{100 * record['best_test_acc']:.2f}%); wrote {run.out}/metrics.json and the figures")
@@ -282,9 +305,12 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
         finder = saved_range_test(run) or lr_range_test(model, train_loader, recipe, run.runtime,
                                                         progress=options.progress)
         max_lr = finder.suggested_lr
+        print(finder.summary())
     checkpoint = Checkpoint(run.out, options.resume, keep={"lr_finder": finder and finder.as_dict()})
     result = fit(model, train_loader, test_loader, recipe, run.runtime, max_lr, checkpoint, options.progress)
     predictions = predict(model, test_loader, run.runtime, options.progress)
+    flipped = predict(model, test_loader, run.runtime, options.progress, flip=True)
+    print(f"test accuracy {100 * predictions.accuracy:.2f}%, with flip TTA {100 * flipped.accuracy:.2f}%")
     mistakes = select_misclassified(predictions, recipe.num_misclassified)
     figures = {"augmentations": visualize.plot_augmented(data.train_images, train_loader.dataset.transform,
                                                          mean, std)}
@@ -302,7 +328,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> dict[str, Any]:
         for explained, name in (("predicted", "gradcam"), ("true", "gradcam_true")):
             figures[name] = visualize.plot_gradcam(data.test_images, maps[explained], mistakes, predictions,
                                                    data.classes, explained=explained)
-    record = run_record(run, data, result, predictions, mistakes, max_lr, finder)
+    record = run_record(run, data, result, predictions, mistakes, max_lr, finder, flipped.accuracy)
     finish_run(run, record, figures)
     return record
 

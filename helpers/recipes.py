@@ -164,7 +164,8 @@ S9 = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (S8, S9, S10)}
-FIXED = ("name", "model", "scheduler", "gradcam_layer")  # the notebooks build and hook these by name
+FIXED = ("name", "scheduler", "gradcam_layer")  # the notebooks build and hook these by name
+RESNETS = ("resnet18", "resnet34")  # S8's notebook builds either by name; S9 and S10 build one network
 
 
 class OverrideError(ValueError):
@@ -275,8 +276,11 @@ def check(recipe: Recipe) -> None:
     if getattr(recipe, unused) != default or plateau != (recipe.lr is not None):
         raise OverrideError(f"{recipe.name} uses {recipe.scheduler}: set lr and plateau.* for "
                             "ReduceLROnPlateau, onecycle.* for One Cycle")
-    # the assignment's LR was chosen for its optimizer: another optimizer must bring its own
     assignment, key = get_recipe(recipe.name), "lr" if plateau else "onecycle.max_lr"
+    if recipe.model != assignment.model and {recipe.model, assignment.model} - set(RESNETS):
+        raise OverrideError(f"model={recipe.model}: {recipe.name}'s notebook builds {assignment.model}; "
+                            f"only S8 swaps its ResNet ({', '.join(RESNETS)})")
+    # the assignment's LR was chosen for its optimizer: another optimizer must bring its own
     fixed = value_at(assignment, key)
     if not plateau and fixed is not None and recipe.onecycle.max_lr is None:  # no range test in its notebook
         raise OverrideError(f"{recipe.name} fixes its One Cycle peak: set onecycle.max_lr to a number")
@@ -289,3 +293,11 @@ def differences(recipe: Recipe) -> dict[str, Any]:
     """The values where `recipe` differs from the assignment of its name, as dotted keys."""
     assignment = get_recipe(recipe.name)
     return {k: value_at(recipe, k) for k in keys() if value_at(recipe, k) != value_at(assignment, k)}
+
+
+def variant(name: str, changed: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """What sets a run of recipe `name` apart from the assignment's run, flat: the `changed` values
+    (`differences`), a model argument under its own name ("norm"), and a seed other than 0."""
+    changed, base = dict(changed), get_recipe(name).model_kwargs
+    kwargs = {k: v for k, v in changed.pop("model_kwargs", {}).items() if k not in base or base[k] != v}
+    return changed | kwargs | ({"seed": seed} if seed else {})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .recipes import variant
 from .runtime import atomic_write
 
 
@@ -109,6 +112,29 @@ def plot_history(history: list[dict], label_smoothing: float = 0.0) -> Figure:
         ax.grid(alpha=0.3)
     loss_ax.legend()
     acc_ax.legend()
+    return fig
+
+
+def plot_runs(folders: Sequence[str | os.PathLike]) -> Figure:
+    """Test accuracy and LR per epoch of several runs (each folder's metrics.json), one line per run,
+    labelled by what the run changed from its assignment's ("assignment" for the assignment itself)."""
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    acc_ax, lr_ax = fig.subplots(1, 2)
+    for folder in folders:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+        changed = variant(metrics["recipe"], metrics.get("changed", {}), metrics["settings"]["seed"])
+        label = ", ".join(f"{key}={value}" for key, value in changed.items()) or "assignment"
+        epochs = [row["epoch"] for row in metrics["history"]]
+        acc_ax.plot(epochs, [100 * row["test_acc"] for row in metrics["history"]], marker=".",
+                    label=f"{label}: {100 * metrics['final_test_acc']:.2f}%")
+        lr_ax.plot(epochs, [row["lr"] for row in metrics["history"]], marker=".", label=label)
+    acc_ax.set(title="test accuracy (final in the legend)", ylabel="%")
+    lr_ax.set(title="learning rate at the end of each epoch", yscale="log")
+    for ax in (acc_ax, lr_ax):
+        ax.set(xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 

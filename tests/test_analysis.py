@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from helpers.analysis import Predictions, predict, select_misclassified
 from helpers.recipes import S10
@@ -24,3 +25,34 @@ def test_predict_keeps_dataset_order_and_refuses_shuffled_loaders():
     np.testing.assert_allclose(predictions.probs.sum(1), 1, rtol=1e-5)
     with pytest.raises(ValueError):
         predict(TinyNet(), train_loader, progress=False)
+
+
+class MirrorSymmetric(torch.nn.Module):
+    """A model that is exactly flip-invariant: it sees the image plus its mirror."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + x.flip(3))
+
+
+def test_flip_tta_of_a_flip_invariant_model_equals_the_plain_prediction():
+    _, test_loader = tiny_setup(S10, n_train=32, n_test=40, batch=8)
+    model = MirrorSymmetric()
+    plain, flipped = (predict(model, test_loader, progress=False, flip=flip) for flip in (False, True))
+    np.testing.assert_allclose(flipped.probs, plain.probs, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(flipped.preds, plain.preds)
+
+
+def test_flip_tta_is_the_mean_of_the_two_passes_probabilities():
+    _, test_loader = tiny_setup(S10, n_train=32, n_test=40, batch=8)
+    model = TinyNet().eval()
+    images = torch.stack([test_loader.dataset[i][0] for i in range(len(test_loader.dataset))])
+    with torch.no_grad():
+        by_hand = (model(images).softmax(1) + model(torch.flip(images, dims=[3])).softmax(1)) / 2
+    flipped = predict(model, test_loader, progress=False, flip=True)
+    assert not np.allclose(by_hand.numpy(), predict(model, test_loader, progress=False).probs, atol=1e-4)
+    np.testing.assert_allclose(flipped.probs, by_hand.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flipped.preds, by_hand.argmax(1).numpy())

@@ -11,10 +11,13 @@ from benchmarks import run
 from benchmarks.run import _log_lock, _short_commit, append_record, main, read_records, repo_relative
 from benchmarks.throughput import side_by_side
 from helpers import train
+from helpers.pipeline import variant_folder
+from helpers.recipes import S9, override
 from helpers.runtime import Runtime
 
 TINY = ["--synthetic", "--epochs", "1", "--train-subset", "48", "--test-subset", "32", "--onecycle.max-lr",
         "0.01"]
+TINY_S9 = override(S9, "epochs=1 train_subset=48 test_subset=32 onecycle.max_lr=0.01")  # S9 with TINY's flags
 
 
 def test_train_records_one_run_per_seed_with_its_provenance(tmp_path):
@@ -24,7 +27,7 @@ def test_train_records_one_run_per_seed_with_its_provenance(tmp_path):
     records = read_records(log)
     assert [r["settings"]["seed"] for r in records] == [0, 1]
     for r in records:
-        run_dir = tmp_path / "runs" / f"s9-seed{r['settings']['seed']}"
+        run_dir = tmp_path / "runs" / variant_folder(TINY_S9, r["settings"]["seed"])
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert r["final_test_acc"] == metrics["final_test_acc"] == r["history"][-1]["test_acc"]
         assert r["kind"] == "training" and r["command"].startswith("python -m benchmarks.run")
@@ -36,7 +39,7 @@ def test_train_records_one_run_per_seed_with_its_provenance(tmp_path):
 
 def test_record_appends_a_finished_run_and_throughput_measures_both_sides(tmp_path, capsys):
     log = tmp_path / "runs.jsonl"
-    run_dir = tmp_path / "runs" / "s9-seed0"
+    run_dir = tmp_path / "runs" / variant_folder(override(S9, "epochs=1 train_subset=48 test_subset=32"))
     assert main(["--log", str(log), "train", "--recipe", "s9", "--no-progress", "--out",
                  str(tmp_path / "runs")] + TINY[:-2]) == 0
     (first,) = read_records(log)
@@ -158,7 +161,8 @@ def test_a_stopped_seed_is_resumed_by_the_same_command_after_the_seeds_already_r
     assert main(command + ["0", "1"] + TINY) == 130
     captured = capsys.readouterr()
     assert "seed 0: " in captured.out and "skipped" in captured.out
-    assert str(out / "s9-seed1") in captured.err and captured.err.strip().count("\n") == 0
+    seed_1 = out / variant_folder(TINY_S9, seed=1)
+    assert str(seed_1) in captured.err and captured.err.strip().count("\n") == 0
     assert [r["settings"]["seed"] for r in read_records(log)] == [0], "nothing recorded for seed 1"
 
 
@@ -175,3 +179,27 @@ def test_side_by_side_measures_each_distinct_runtime_once(tmp_path):
     assert [r["runtime"] for r in records] == [r.as_dict() | {"compile": False} for r in expected]
     assert all(r["model"]["train_images_per_second"] > 0 for r in records)
     assert len({r["loader"]["images_per_second"] for r in records}) == 1  # the loader measured once
+
+
+def fake_training(seed: int, acc: float, tta: float | None, **changes) -> dict:
+    """A results-log training record with only the fields the report reads."""
+    return {"kind": "training", "recipe": "s9", "full_run": True, "changed": {}, "final_test_acc": acc,
+            "best_test_acc": acc, "flip_tta_acc": tta, "epochs": 30, "training_seconds": 60.0,
+            "train_images_per_second": 1.0, "resumes": 0, "data": {"copy": "jpeg-copy"},
+            "settings": {"seed": seed}, "note": None, "sessions": [{"time_utc": f"2026-12-0{seed + 1}"}],
+            "metadata": {"device_name": "a CPU", "cpu_count": 2, "runtime": "cpu fp32, NCHW",
+                         "git_commit": "0" * 40}} | changes
+
+
+def test_the_spread_in_the_report_is_the_mean_and_sample_std_of_the_records(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    tuned = fake_training(2, 0.5, None, changed={"epochs": 2}, full_run=False)  # not the assignment
+    for record in (fake_training(0, 0.8702, 0.8751), fake_training(1, 0.8650, None), tuned):
+        append_record(record, log)
+    (row,) = [line for line in (tmp_path / "results.md").read_text().splitlines()
+              if line.startswith("| s9 | jpeg-copy |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    mean, std = (0.8702 + 0.8650) / 2, abs(0.8702 - 0.8650) / 2 ** 0.5  # the sample std of two values
+    assert cells[2:4] == ["2", "0, 1"]
+    assert cells[5] == f"{100 * mean:.2f}% ± {100 * std:.2f}" == "86.76% ± 0.37"
+    assert cells[6:9] == ["86.50%", "87.02%", "87.51% (1)"]

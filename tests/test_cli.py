@@ -17,7 +17,7 @@ import torch
 
 from helpers import lr_finder, pipeline, train
 from helpers.__main__ import main
-from helpers.recipes import S8, keys
+from helpers.recipes import S8, S9, keys, override
 
 TINY = ["--synthetic", "--epochs", "1", "--batch-size", "32", "--train-subset", "64",
         "--test-subset", "40", "--no-progress", "--workers", "0", "--device", "cpu"]
@@ -38,6 +38,7 @@ def test_a_run_writes_metrics_checkpoints_and_figures(s10_run):
     assert metrics["lr_finder"]["iterations"] <= 5
     assert metrics["max_lr"] == metrics["lr_finder"]["suggested_lr"] > 0
     assert metrics["final_test_acc"] == metrics["history"][-1]["test_acc"] == metrics["predict_acc"]
+    assert 0 <= metrics["flip_tta_acc"] <= 1  # beside the plain accuracy
     assert metrics["data"] == {"source": "synthetic(seed=0)", "copy": "synthetic", "train": 64, "test": 40}
     assert metrics["metadata"]["device"] == "cpu" and metrics["settings"]["synthetic"]
     assert metrics["resumes"] == 0 and len(metrics["sessions"]) == 1
@@ -50,11 +51,16 @@ def test_a_run_writes_metrics_checkpoints_and_figures(s10_run):
     assert not [n for n in names if n.startswith(".")], "no temporary files left"
 
 
-def test_a_rerun_keeps_the_checkpoint_lr_and_range_test_and_trains_nothing(s10_run):
+def test_a_rerun_keeps_the_checkpoint_lr_and_range_test_and_trains_nothing(s10_run, capsys):
     out, args, first = s10_run
     (out / "lr_finder.png").unlink()
+    capsys.readouterr()
     assert main(args) == 0
+    printed = capsys.readouterr().out  # the range test's result, as the notebook prints it, and flip TTA
     again = json.loads((out / "metrics.json").read_text())
+    for value in (f"{first['max_lr']:.3e}", f"{first['lr_finder']['min_loss_lr']:.3e}",
+                  f"{100 * again['flip_tta_acc']:.2f}%"):
+        assert value in printed
     # a range test on the trained weights would find another minimum
     assert again["max_lr"] == first["max_lr"] and again["lr_finder"] == first["lr_finder"]
     assert (out / "lr_finder.png").exists() and len(again["sessions"]) == 1
@@ -148,7 +154,7 @@ def test_s8_values_reach_optimizer_scheduler_model_and_augmentation_and_a_checkp
     monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: pytest.fail("trained"))
     for flag in changed:  # without --lr, SGD would have no LR of its own: another one instead
         assert main(with_flag(args, flag, "0.02" if flag == "--lr" else None)) == 2, f"{flag} differs"
-    bad = "{'norm': 'gn'}"  # no such norm
+    bad = "{'norm': 'batch'}"  # no such norm
     assert main(["train", "--recipe", "s8", "--synthetic", "--out", str(tmp_path / "never"),
                  "--model-kwargs", bad]) == 2
     assert not (tmp_path / "never").exists()
@@ -312,3 +318,30 @@ def test_after_a_notebook_interrupt_the_training_cell_runs_again_and_resumes(tmp
     done = interrupt_after_the_first_epoch([sys.executable, "-c", NOTEBOOK_CELLS, str(out)], out)
     assert done.returncode == 0, done.stdout
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 1]  # stopped in epoch 2, then resumed
+
+
+def test_a_variant_trains_and_resumes_in_its_own_folder_and_leaves_the_base_run_untouched(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = ["train", "--recipe", "s9", "--out", str(runs / "{recipe}")] + TINY
+    assert main(base) == 0
+    (base_folder,) = runs.iterdir()
+    checkpoint = (base_folder / "last.pt").read_bytes()
+    variants = {"--label-smoothing": "0.2", "--seed": "1"}  # a changed recipe value, another seed
+    for flag, value in variants.items():
+        assert main(base + [flag, value]) == 0
+    assert len(list(runs.iterdir())) == 1 + len(variants)
+    assert (base_folder / "last.pt").read_bytes() == checkpoint, "a variant never writes the base's folder"
+    capsys.readouterr()
+    assert main(base + ["--seed", "1"]) == 0  # run again: it finds its own finished checkpoint
+    assert "nothing to train" in capsys.readouterr().out
+    tiny = override(S9, "epochs=1 batch_size=32 train_subset=64 test_subset=40")
+    assert base_folder.name == pipeline.variant_folder(tiny)
+    seeded = json.loads((runs / pipeline.variant_folder(tiny, seed=1) / "metrics.json").read_text())
+    assert seeded["resumed_from_epoch"] == 1 and seeded["settings"]["seed"] == 1
+
+
+def test_an_explicit_folder_without_the_placeholder_still_refuses_other_settings(tmp_path):
+    mine = ["train", "--recipe", "s9", "--out", str(tmp_path / "mine")] + TINY
+    assert main(mine) == 0
+    assert main(mine + ["--label-smoothing", "0.2"]) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {"mine"}

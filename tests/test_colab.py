@@ -15,6 +15,7 @@ import torch
 
 from helpers.__main__ import main
 from helpers.runtime import DeviceError, pick_device
+from helpers.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(ROOT.glob("S*_Assignment.ipynb"))
@@ -121,12 +122,13 @@ def mount(mountpoint, force_remount=False):
 '''
 
 
-def run_all(notebook: nbformat.NotebookNode, vm: Path, pythonpath: Path) -> None:
+def run_all(notebook: nbformat.NotebookNode, vm: Path, pythonpath: Path, **env: str) -> None:
     """Execute every cell in a fresh kernel whose working folder is `vm`, as Colab's Run all."""
     from nbclient import NotebookClient
 
-    vm.mkdir()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])}
+    vm.mkdir(exist_ok=True)
+    path = os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])
+    env = os.environ | env | {"PYTHONPATH": path}
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(vm)}}).execute(env=env)
 
@@ -143,7 +145,7 @@ def test_with_keep_on_drive_a_new_vm_resumes_the_run_from_drive(tmp_path):
         '"/content/drive"', repr(str(drive)))  # the student ticks the box; Drive mounts here
 
     run_all(notebook, tmp_path / "vm1", tmp_path / "site")
-    run_folder = drive / "MyDrive" / "cifar10-course" / "runs" / "s9"
+    (run_folder,) = (drive / "MyDrive" / "cifar10-course" / "runs").iterdir()  # the smoke run's variant
     first = json.loads((run_folder / "metrics.json").read_text())
     assert first["resumed_from_epoch"] == 0 and len(first["history"]) >= 1
     assert not (tmp_path / "vm1" / "runs").exists(), "the run folder is on Drive, not on the VM"
@@ -152,3 +154,28 @@ def test_with_keep_on_drive_a_new_vm_resumes_the_run_from_drive(tmp_path):
     second = json.loads((run_folder / "metrics.json").read_text())
     assert second["resumed_from_epoch"] == len(first["history"]), "nothing trained again"
     assert second["history"] == first["history"] and second["sessions"] == first["sessions"]
+
+
+def test_a_change_typed_in_the_form_field_trains_a_variant_beside_the_run_and_the_last_cell_shows_both(
+        tmp_path):
+    notebook = nbformat.read(ROOT / "S8_Assignment.ipynb", as_version=4)
+    runs = tmp_path / "vm" / "runs"
+    # two steps of training: on synthetic images too, some test images stay wrong for GradCAM to explain
+    smoke = {"CIFAR_OUT": "runs/{recipe}",
+             "CIFAR_OVERRIDES": "epochs=1 train_subset=64 test_subset=64 batch_size=32"}
+    run_all(notebook, tmp_path / "vm", tmp_path, **smoke)  # Run all, the field empty
+    (first,) = runs.iterdir()
+    checkpoint = (first / "last.pt").read_bytes()
+    assert "image/png" not in str(notebook.cells[-1].outputs), "one run: nothing to compare yet"
+
+    cell = next(c for c in notebook.cells if 'OVERRIDES = ""  # @param' in c.source)
+    cell.source = cell.source.replace('OVERRIDES = ""', "OVERRIDES = \"model_kwargs={'norm': 'bn'}\"")
+    run_all(notebook, tmp_path / "vm", tmp_path, **smoke)  # the student's change
+    second = next(folder for folder in runs.iterdir() if folder != first)
+    assert len(list(runs.iterdir())) == 2 and (first / "last.pt").read_bytes() == checkpoint
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["changed"]["model_kwargs"]["norm"] == "bn" and not metrics["full_run"]
+    first_state, second_state = (load_checkpoint(folder / "last.pt")["model"] for folder in (first, second))
+    assert not any(name.endswith("running_mean") for name in first_state), "the assignment's LayerNorm"
+    assert any(name.endswith("running_mean") for name in second_state), "the variant trained BatchNorm"
+    assert any("image/png" in output.get("data", {}) for output in notebook.cells[-1].outputs)

@@ -7,9 +7,10 @@ from torch import nn
 from helpers.models import NORMS, count_parameters, create_model
 from helpers.models.custom_resnet import CustomResNet
 
-RESNET_PARAMS = {"resnet18": 11_173_962}
+RESNET_PARAMS = {"resnet18": 11_173_962, "resnet34": 21_282_122}
 # stem + two per block + one per shortcut (3 stages change shape)
-NORM_LAYERS = {"resnet18": 1 + 2 * 8 + 3}
+NORM_LAYERS = {"resnet18": 1 + 2 * 8 + 3, "resnet34": 1 + 2 * 16 + 3}
+GROUPS = {"ln": lambda channels: 1, "gn": lambda channels: 32, "in": lambda channels: channels}
 
 
 def test_custom_resnet_shape_and_exact_parameter_count():
@@ -54,7 +55,8 @@ def test_resnet_shape_count_and_norm_types(depth, norm):
     assert not any(isinstance(m, (nn.LayerNorm, nn.modules.instancenorm._InstanceNorm))
                    for m in model.modules())
     assert len(groupnorms) == NORM_LAYERS[depth]
-    assert all(m.num_groups == 1 and m.affine for m in groupnorms)  # LayerNorm: one group of all channels
+    # ln: one group of all channels; gn: 32 groups; in: one group per channel
+    assert all(m.num_groups == GROUPS[norm](m.num_channels) and m.affine for m in groupnorms)
 
 
 def test_shortcut_norm_follows_the_argument():
@@ -63,9 +65,10 @@ def test_shortcut_norm_follows_the_argument():
     assert isinstance(shortcut_norm, nn.GroupNorm) and shortcut_norm.num_groups == 1
 
 
-def test_layernorm_is_per_sample_in_train_mode():
+@pytest.mark.parametrize("norm", ["ln", "gn", "in"])
+def test_layer_group_and_instance_norm_are_per_sample_in_train_mode(norm):
     torch.manual_seed(0)
-    model = create_model("resnet18", norm="ln").train()
+    model = create_model("resnet18", norm=norm).train()
     batch = torch.randn(8, 3, 32, 32)
     alone = model(batch[:1])
     together = model(batch)[:1]
@@ -73,7 +76,7 @@ def test_layernorm_is_per_sample_in_train_mode():
 
 
 def test_batchnorm_is_not_per_sample_in_train_mode():
-    # The contrast that makes the LayerNorm test meaningful.
+    # The contrast that makes the per-sample test meaningful.
     model = create_model("resnet18", norm="bn").train()
     batch = torch.randn(8, 3, 32, 32)
     assert not torch.allclose(model(batch[:2])[:1], model(batch)[:1], atol=1e-3)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import pipeline
 from helpers.dataset import build_loaders, channel_mean_std
 from helpers.lr_finder import lr_range_test
 from helpers.models import CustomResNet
-from helpers.pipeline import RunOptions, SettingsError, save_json, start_run
+from helpers.pipeline import RunOptions, SettingsError, save_json, start_run, variant_folder
 from helpers.recipes import RANGES, S8, S9, S10, OverrideError, differences, keys, metavar, override
 from helpers.train import Checkpoint, fit
 
@@ -20,7 +21,8 @@ def test_notebook_options_come_from_defaults_then_the_environment():
            "CIFAR10_URLS": "http://127.0.0.1:1/x"}  # not a CIFAR_ option: the downloader's
     options = RunOptions.from_env(env, data_dir="data", download=True)
     assert (options.resume, options.seed, options.download) == (False, 3, True)
-    assert options.data_dir == "data" and str(options.out_dir(S10)) == "x/s10"  # blank values are unset
+    assert options.data_dir == "data"  # blank values are unset
+    assert str(options.out_dir(S10)) == "x/s10-seed=3"  # the seed's own folder
 
 
 def test_a_run_is_the_assignments_exactly_when_its_recipe_is():
@@ -118,3 +120,24 @@ def test_cells_executed_again_after_training_reuse_the_run_instead_of_redoing_it
     assert again == finder
     second = training_cell()
     assert (first.resumed_from_epoch, second.resumed_from_epoch) == (0, 1) and second.history == first.history
+
+
+def test_each_variant_has_its_own_readable_folder_name():
+    assert variant_folder(S8) == "s8" and variant_folder(override(S8, f"epochs={S8.epochs}")) == "s8"
+    assert variant_folder(override(S8, "model_kwargs={'norm': 'bn'}")) == "s8-norm=bn"
+    assert variant_folder(S10, seed=1) == "s10-seed=1"
+    assert variant_folder(override(S8, "model=resnet34 augment.cutout_p=0.25"), 2) == \
+        "s8-model=resnet34-augment.cutout_p=0.25-seed=2"
+    long = override(S9, "epochs=1 train_subset=256 test_subset=128 batch_size=32 label_smoothing=0.1")
+    odd = override(S8, "model_kwargs={'norm': 'gn', 'note': 'a b/c'}")
+    for recipe in (long, odd):  # too long, or not a plain folder name: the recipe and a short hash
+        name = variant_folder(recipe)
+        assert re.fullmatch(rf"{recipe.name}-[0-9a-f]{{8}}", name) and name == variant_folder(recipe)
+    assert variant_folder(long) != variant_folder(long, seed=1)
+
+
+def test_only_s8_swaps_its_network_and_only_between_the_resnets():
+    assert override(S8, "model=resnet34").model == "resnet34"
+    for recipe, model in ((S8, "resnet50"), (S8, "custom_resnet"), (S9, "resnet18"), (S10, "resnet34")):
+        with pytest.raises(OverrideError):
+            override(recipe, f"model={model}")

@@ -1,5 +1,7 @@
 """Plots: each returns a Figure with the expected panels, saving is atomic PNG, GradCAM overlays blend."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,21 @@ def test_overlay_blends_into_unit_range():
     assert not np.allclose(out[0, 0], out[5, 5]), "hot and cold pixels get different colours"
     with pytest.raises(ValueError):
         visualize.overlay(image, np.zeros((8, 8)))
+
+
+def test_plot_runs_draws_one_line_per_run_labelled_by_what_it_changed(tmp_path):
+    bn = {"model_kwargs": {"norm": "bn", "zero_init_residual": True}}  # metrics.json's `changed`
+    runs = {"s8": ({}, 0, [0.5, 0.7]), "s8-norm=bn": (bn, 0, [0.6, 0.8]), "s8-seed=1": ({}, 1, [0.55, 0.72])}
+    for name, (changed, seed, accs) in runs.items():
+        history = [{"epoch": i + 1, "test_acc": acc, "lr": 1e-3 / (i + 1)} for i, acc in enumerate(accs)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"recipe": "s8", "changed": changed, "settings": {"seed": seed}, "history": history,
+             "final_test_acc": accs[-1]}))
+    fig = visualize.plot_runs([tmp_path / name for name in runs])
+    acc_ax, lr_ax = fig.axes
+    assert [line.get_label() for line in lr_ax.get_lines()] == ["assignment", "norm=bn", "seed=1"]
+    assert [line.get_label() for line in acc_ax.get_lines()] == ["assignment: 70.00%", "norm=bn: 80.00%",
+                                                                 "seed=1: 72.00%"]
+    np.testing.assert_allclose(acc_ax.get_lines()[1].get_ydata(), [60, 80])
+    np.testing.assert_allclose(lr_ax.get_lines()[0].get_xdata(), [1, 2])

@@ -8,12 +8,13 @@ from torch import nn
 
 from .custom_resnet import CustomResNet
 from .dilated_dwsep_net import DilatedDWSepNet
-from .resnet import NORMS, ResNet18, make_norm
+from .resnet import NORMS, ResNet18, ResNet34, make_norm
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "custom_resnet": CustomResNet,
     "dilated_dwsep_net": DilatedDWSepNet,
     "resnet18": ResNet18,
+    "resnet34": ResNet34,
 }
 
 
@@ -32,6 +33,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18",
+    "MODELS", "NORMS", "CustomResNet", "DilatedDWSepNet", "ResNet18", "ResNet34",
     "count_parameters", "create_model", "make_norm",
 ]

@@ -1,36 +1,40 @@
-"""CIFAR ResNet18 (kuangliu/pytorch-cifar layout) with the normalisation as an argument.
+"""CIFAR ResNet18 and ResNet34 (kuangliu/pytorch-cifar layouts) with the normalisation as an argument.
 
 Every normalisation layer, the 1x1 shortcut's included, is built by `make_norm(norm, channels)`:
 
-- ``"bn"``: BatchNorm2d.
+- ``"bn"``: BatchNorm2d, statistics over the batch (and running averages for eval).
 - ``"ln"``: LayerNorm for images, i.e. ``GroupNorm(1, C)``. It normalises each sample over all of
   (C, H, W) and then applies a per-channel scale and shift. ``nn.LayerNorm([C, H, W])`` would
   normalise the same statistics but learn a scale per *pixel*, tying the weights to one input
   size and multiplying the parameter count; the per-channel affine keeps the parameter count of
-  BatchNorm (so both variants have the same size) and works at any resolution.
-  Unlike BatchNorm it has no running statistics: train and eval behave the same, and a sample's
-  output does not depend on the other samples in its batch.
+  BatchNorm (so every variant has the same size) and works at any resolution.
+- ``"gn"``: GroupNorm with 32 groups (Wu & He's default): each sample over groups of channels.
+- ``"in"``: InstanceNorm as ``GroupNorm(C, C)``: each sample and channel over its own H x W.
+
+ln, gn and in have no running statistics: train and eval behave the same, and a sample's output
+does not depend on the other samples in its batch.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-Norm = Literal["bn", "ln"]
-NORMS: tuple[str, ...] = ("bn", "ln")
+Norm = Literal["bn", "ln", "gn", "in"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
     """Build the normalisation layer named by `norm` for `channels` channels."""
     if norm == "bn":
         return nn.BatchNorm2d(channels)
-    if norm == "ln":
-        return nn.GroupNorm(1, channels)
-    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    groups = {"ln": 1, "gn": 32, "in": channels}
+    if norm not in groups:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    return nn.GroupNorm(groups[norm], channels)
 
 
 class BasicBlock(nn.Module):
@@ -85,5 +89,10 @@ class ResNet(nn.Module):
 
 
 def ResNet18(norm: Norm = "bn", num_classes: int = 10, **kwargs) -> ResNet:  # noqa: N802
-    """ResNet18 for 32x32 inputs: 11,173,962 parameters with either norm."""
+    """ResNet18 for 32x32 inputs: 11,173,962 parameters with any norm."""
     return ResNet((2, 2, 2, 2), norm, num_classes, **kwargs)
+
+
+def ResNet34(norm: Norm = "bn", num_classes: int = 10, **kwargs) -> ResNet:  # noqa: N802
+    """ResNet34 for 32x32 inputs: 21,282,122 parameters with any norm."""
+    return ResNet((3, 4, 6, 3), norm, num_classes, **kwargs)

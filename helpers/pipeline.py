@@ -50,7 +50,7 @@ class RunOptions:
     download: bool = False
     synthetic: bool = False  # made-up images for smoke runs: no data folder needed
     out: str | None = None  # the run folder; "{recipe}" becomes `variant_folder`; default runs/{recipe}
-    images_dir: str | None = None  # also save the figures there, as <recipe>_<figure>.png
+    images_dir: str | None = None  # also save the figures there, as <variant folder>_<figure>.png
     seed: int = 0
     device: str | None = None  # cuda, mps or cpu; None: the best this machine has
     workers: int | None = None  # loader worker processes; None: chosen for the device

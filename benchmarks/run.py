@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.__main__ import OneLineParser, add_recipe_flags, recipe_from_args, run_guarded
-from helpers.analysis import predict
 from helpers.dataset import build_loaders, channel_mean_std
-from helpers.models import create_model
 from helpers.pipeline import RunOptions, SettingsError, load_run_data, run_recipe, start_run
 from helpers.recipes import RECIPES, get_recipe
 from helpers.runtime import atomic_write, run_metadata, utc_now
@@ -133,39 +131,13 @@ def train(args: argparse.Namespace, started: list[Path]) -> None:
 
 
 def record(args: argparse.Namespace) -> None:
-    """Record a run the CLI or a notebook finished (its metrics.json), e.g. a long resumed CPU run;
-    its flip-TTA accuracy is computed from its last.pt when the metrics lack it."""
+    """Record a run the CLI or a notebook finished (its metrics.json), e.g. a long resumed CPU run."""
     metrics_path = Path(args.run_dir) / "metrics.json"
     if not metrics_path.exists():
         raise SettingsError(f"no {metrics_path}; finish the run first (python -m helpers train ...)")
     metrics = json.loads(metrics_path.read_text())
-    if metrics.get("flip_tta_acc") is None and (Path(args.run_dir) / "last.pt").exists():
-        metrics["flip_tta_acc"] = flip_tta_accuracy(Path(args.run_dir), metrics, args.data_dir)
     command = metrics.get("command") or f"python -m helpers train --recipe {metrics['recipe']}"
     append_record(training_record(metrics, command, args.note), args.log)
-
-
-def flip_tta_accuracy(run_dir: Path, metrics: dict[str, Any], data_dir: str | None) -> float:
-    """The flip-TTA test accuracy of a finished assignment run's last.pt, on the run's test set; refused
-    when the plain accuracy of those weights is not the run's own (other data, or other weights)."""
-    if metrics.get("changed") != {} or metrics["data"]["copy"] == "synthetic":
-        raise SettingsError(f"{run_dir}: flip TTA is computed afterwards for assignment runs on real data "
-                            "only; record it without its last.pt")
-    options = RunOptions(data_dir=data_dir or metrics["settings"]["data_dir"], out=str(run_dir),
-                         seed=metrics["settings"]["seed"], progress=False)
-    run = start_run(get_recipe(metrics["recipe"]), options)
-    data = load_run_data(run)
-    mean, std = channel_mean_std(data.train_images)
-    _, test_loader = build_loaders(data, run.recipe, mean, std, run.runtime.device, options.seed)
-    model = run.runtime.prepare(create_model(run.recipe.model, **run.recipe.model_kwargs))
-    model.load_state_dict(run.resume_state["model"])
-    plain, flipped = (predict(model, test_loader, run.runtime, False, flip) for flip in (False, True))
-    if abs(plain.accuracy - metrics["predict_acc"]) > 0.002:  # another CPU's bf16 may flip a few images
-        raise SettingsError(f"{run_dir}/last.pt scores {100 * plain.accuracy:.2f}% on {options.data_dir}, "
-                            f"not the run's {100 * metrics['predict_acc']:.2f}%; pass the run's --data-dir")
-    print(f"{run_dir}: test accuracy {100 * plain.accuracy:.2f}%, "
-          f"with flip TTA {100 * flipped.accuracy:.2f}%")
-    return flipped.accuracy
 
 
 def same_run(metrics: dict[str, Any], record: dict[str, Any]) -> bool:
@@ -353,7 +325,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = sub.add_parser("record")
     r.add_argument("run_dir")
     r.add_argument("--note")
-    r.add_argument("--data-dir", help="the run's data folder, for flip TTA from its last.pt")
     sub.add_parser("report")
     n = sub.add_parser("notebook", help="execute a notebook in place (after its run has finished)")
     n.add_argument("notebook")

@@ -262,8 +262,11 @@ class Checkpoint:
     def save(self, signature: dict[str, Any], epoch: int, history: list[dict[str, Any]], model: nn.Module,
              optimizer, scheduler, scaler) -> None:
         """Write everything a resumed run needs, after `epoch` epochs."""
+        # torch < 2.4 keeps One Cycle's annealing function in its state; torch.load(weights_only=True)
+        # refuses functions, and the scheduler rebuilds it from its own settings anyway.
+        schedule = {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
         save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                    "scheduler": schedule, "scaler": scaler.state_dict(),
                                     "epoch": epoch, "history": history, "signature": signature,
                                     "sessions": self.sessions} | self.keep)
 

@@ -320,6 +320,29 @@ def test_after_a_notebook_interrupt_the_training_cell_runs_again_and_resumes(tmp
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 1]  # stopped in epoch 2, then resumed
 
 
+
+OTHER_PYTHON = os.environ.get("CI_OTHER_PYTHON")  # another environment's python (ci/test-env sets it)
+
+
+def torch_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="CI_OTHER_PYTHON, another environment's python, is not set")
+@pytest.mark.parametrize("written_by_other", [True, False], ids=["other-to-this", "this-to-other"])
+def test_a_checkpoint_written_under_one_torch_resumes_under_the_other(tmp_path, written_by_other):
+    writer, resumer = (OTHER_PYTHON, sys.executable) if written_by_other else (sys.executable, OTHER_PYTHON)
+    assert torch_version(writer) != torch_version(resumer)  # else this proves nothing
+    out = tmp_path / "s10"
+    command = ["-m", "helpers", *WITH_WORKERS, "--out", str(out)]
+    stopped = interrupt_after_the_first_epoch([writer, *command], out)
+    assert stopped.returncode == 130, stopped.stdout
+    resumed = subprocess.run([resumer, *command], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2] and metrics["resumes"] == 1
+
 def test_a_variant_trains_and_resumes_in_its_own_folder_and_leaves_the_base_run_untouched(tmp_path, capsys):
     runs = tmp_path / "runs"
     base = ["train", "--recipe", "s9", "--out", str(runs / "{recipe}")] + TINY

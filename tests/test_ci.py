@@ -63,11 +63,11 @@ def test_a_missing_python_is_one_line_and_status_2(tmp_path):
 
 
 def test_a_build_pip_cannot_satisfy_is_one_line_status_2_and_leaves_no_environment(tmp_path):
-    done = run(["ci/env", "build", "newest"], CIFAR_ENVS=str(tmp_path), PIP_NO_INDEX="1", PIP_FIND_LINKS="")
+    done = run(["ci/env", "build", "newest"], CI_ENVS=str(tmp_path), PIP_NO_INDEX="1", PIP_FIND_LINKS="")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "newest").exists() and (tmp_path / "newest.log").is_file()
 
 
 def test_a_test_of_an_environment_not_built_is_one_line_and_status_2(tmp_path):
-    done = run(["ci/env", "test", "newest"], CIFAR_ENVS=str(tmp_path))
+    done = run(["ci/env", "test", "newest"], CI_ENVS=str(tmp_path))
     assert done.returncode == 2 and done.stderr.count("\n") == 1

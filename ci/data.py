@@ -41,7 +41,7 @@ def main(argv: list[str], pack: Path = PACK) -> int:
         print("error: usage: python ci/data.py DEST", file=sys.stderr)
         return 2
     try:
-        print(small_copy(Path(argv[0]), pack))
+        print(small_copy(Path(argv[0]).absolute(), pack))  # absolute: the notebooks' tests change folder
     except DownloadError as err:
         print(f"error: ci/data.py: {err}".replace("\n", " "), file=sys.stderr)
         return 2

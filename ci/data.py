@@ -27,7 +27,9 @@ def small_copy(dest: Path, pack: Path = PACK, urls: Sequence[str] | None = None,
         shutil.rmtree(subset, ignore_errors=True)
         tool = pack.parent.parent / "tools" / "cifar10_jpeg.py"
         unpack = [sys.executable, str(tool), "unpack", str(subset), "--limit", "60"]
-        subprocess.run(unpack, check=True, stdout=subprocess.DEVNULL)
+        if subprocess.run(unpack, stdout=subprocess.DEVNULL).returncode != 0:  # it said why
+            shutil.rmtree(subset, ignore_errors=True)
+            raise SystemExit(2)
         return subset
     from helpers.download import CIFAR10_MD5, download_cifar10
 

@@ -1,4 +1,4 @@
-"""The version pins of the environments ci/test-env builds.
+"""The version pins of the environments ci/env builds.
 
     python ci/pins.py floor                     the lowest versions the project declares, as == pins
     python ci/pins.py colab FREEZE [OS_INFO]    ci/colab.txt from Colab's published `pip freeze`
@@ -42,10 +42,12 @@ def canonical(name: str) -> str:
 def floor() -> list[str]:
     """requirements.txt's and the dev extra's lower bounds (>=) and exact pins (==), all as == pins."""
     dev = re.search(r"^dev = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M)  # one line there
+    if not dev:
+        fail("pyproject.toml has no one-line `dev = [...]` extra to take the dev floors from")
     lines = (ROOT / "requirements.txt").read_text().splitlines() + re.findall(r'"([^"]+)"', dev[1])
     pins = []
     for line in (line.split("#")[0].strip() for line in lines):
-        if match := re.fullmatch(r"([A-Za-z0-9._-]+)\s*(>=|==)\s*([^,;\s]+)", line):
+        if match := re.match(r"([A-Za-z0-9._-]+)\s*(>=|==)\s*([^,;\s]+)", line):  # an upper bound may follow
             pins.append(f"{match[1]}=={match[3]}")
         elif line:
             fail(f"{line!r} in the requirements has no lower bound (>= or ==); give it one")
@@ -102,6 +104,8 @@ def unchanged(report: Path, colab: Path = COLAB) -> None:
 
 def find_python(version: str) -> str:
     """pythonX.Y from pyenv's versions (the newest patch release), else from PATH."""
+    if not re.fullmatch(r"\d+\.\d+", version):
+        fail(f"{version!r} is not a Python version; expected X.Y, e.g. 3.10")
     root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     found = sorted(root.glob(f"versions/{version}.*/bin/python{version}"),
                    key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.parent.name)])
@@ -126,4 +130,4 @@ if __name__ == "__main__":
         COLAB.write_text("\n".join(colab(freeze, os_info)) + "\n")
         print(f"wrote {COLAB.relative_to(ROOT)}; review it with `git diff ci/colab.txt`")
     else:
-        fail("usage: python ci/pins.py floor | python ci/pins.py colab FREEZE [OS_INFO]")
+        fail("usage: python ci/pins.py floor | colab FREEZE [OS_INFO] | python X.Y | unchanged REPORT")

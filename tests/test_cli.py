@@ -321,7 +321,7 @@ def test_after_a_notebook_interrupt_the_training_cell_runs_again_and_resumes(tmp
 
 
 
-OTHER_PYTHON = os.environ.get("CI_OTHER_PYTHON")  # another environment's python (ci/test-env sets it)
+OTHER_PYTHON = os.environ.get("CI_OTHER_PYTHON")  # another environment's python (.ci/run sets it)
 
 
 def torch_version(python: str) -> str:
